@@ -1,0 +1,74 @@
+"""Show a person what the model does: validation predictions and the confusion matrix in W&B."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+
+def _wandb_logger(trainer) -> WandbLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def to_uint8_images(images: torch.Tensor, mean, std) -> list:
+    """Undo Normalize so that the grid shows the picture the model saw."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    pixels = (images.float() * std + mean).clamp(0, 1).mul(255).byte()
+    return [p.permute(1, 2, 0).cpu().numpy() for p in pixels]
+
+
+def confusion_table(matrix: torch.Tensor, class_names: list[str]):
+    """The table behind `wandb.plot.confusion_matrix`, built from counts we already have."""
+    import wandb
+
+    rows = [
+        [class_names[i], class_names[j], int(matrix[i, j])]
+        for i in range(len(class_names))
+        for j in range(len(class_names))
+    ]
+    table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+    return wandb.plot_table(
+        "wandb/confusion_matrix/v1",
+        table,
+        {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+        {"title": "Validation confusion matrix"},
+    )
+
+
+class WandbMediaLogger(Callback):
+    """Each validation: a grid of `num_images` images captioned with true and predicted class,
+    and the confusion matrix. Does nothing without a WandbLogger."""
+
+    def __init__(self, num_images: int = 16):
+        self.num_images = num_images
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        logger = _wandb_logger(trainer)
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or logger is None:
+            return
+        if not trainer.is_global_zero or self.num_images <= 0:
+            return
+        n = min(self.num_images, len(batch["image"]))
+        datamodule = trainer.datamodule
+        mean = getattr(datamodule, "mean", (0.0, 0.0, 0.0))
+        std = getattr(datamodule, "std", (1.0, 1.0, 1.0))
+        names = pl_module.class_names
+        captions = [
+            f"true: {names[t]} / pred: {names[p]}"
+            for t, p in zip(batch["label"][:n].tolist(), outputs[:n].tolist())
+        ]
+        logger.log_image(
+            "val/predictions", to_uint8_images(batch["image"][:n], mean, std), step=trainer.global_step, caption=captions
+        )
+
+    def on_validation_end(self, trainer, pl_module):
+        # on_validation_end runs after the module's on_validation_epoch_end has computed the matrix.
+        logger = _wandb_logger(trainer)
+        matrix = getattr(pl_module, "confusion_matrix", None)
+        if logger is None or matrix is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        logger.experiment.log(
+            {"val/confusion_matrix": confusion_table(matrix, pl_module.class_names), "trainer/global_step": trainer.global_step}
+        )

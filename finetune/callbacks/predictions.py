@@ -1,0 +1,51 @@
+"""Write `finetune predict` results to a CSV: path, predicted class, probability, top-k."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """Rows are written batch by batch, so a long prediction run keeps what it has done.
+
+    `path` defaults to `<default_root_dir>/predictions.csv`; under DDP each rank writes its
+    own `predictions.rank<N>.csv`.
+    """
+
+    def __init__(self, path: str | None = None, top_k: int = 5):
+        super().__init__(write_interval="batch")
+        self.path = path
+        self.top_k = top_k
+        self._file = None
+        self._writer = None
+
+    def output_path(self, trainer) -> Path:
+        path = Path(self.path) if self.path else Path(trainer.default_root_dir) / "predictions.csv"
+        if trainer.world_size > 1:
+            path = path.with_suffix(f".rank{trainer.global_rank}.csv")
+        return path
+
+    def on_predict_start(self, trainer, pl_module):
+        path = self.output_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(["path", "prediction", "probability", f"top{self.top_k}"])
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        names = pl_module.class_names
+        probs = prediction["probs"].float().cpu()
+        values, indices = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+        for path, vals, idxs in zip(prediction["path"], values.tolist(), indices.tolist()):
+            top = ";".join(f"{names[i]}:{v:.4f}" for v, i in zip(vals, idxs))
+            self._writer.writerow([path, names[idxs[0]], f"{vals[0]:.4f}", top])
+        self._file.flush()
+
+    def on_predict_end(self, trainer, pl_module):
+        if self._file is not None:
+            self._file.close()
+            print(f"predictions written to {self.output_path(trainer)}")
+            self._file = None

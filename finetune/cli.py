@@ -1,0 +1,96 @@
+"""`finetune fit | validate | test | predict --config configs/<name>.yaml` (LightningCLI)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+# Set before albumentations is imported anywhere: its update check goes to the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
+from finetune.data.classification import ImageFolderDataModule  # noqa: E402
+from finetune.tasks.base import FinetuneTask  # noqa: E402
+
+log = logging.getLogger("finetune")
+
+
+def _logger_configs(logger_cfg) -> list:
+    if logger_cfg in (None, True, False):
+        return []
+    return list(logger_cfg) if isinstance(logger_cfg, list) else [logger_cfg]
+
+
+class FinetuneCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always-on callbacks get their own config section (`checkpoint.*`, `predictions.*`).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-epoch{epoch:02d}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+        # Facts of the data go into the model, never typed twice.
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        # The transforms need the backbone's pretrained input size, mean and std.
+        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", apply_on="parse")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        root = Path(config.trainer.default_root_dir or "runs")
+        config.trainer.default_root_dir = str(root)
+        # A fixed checkpoint folder (not one per logger version) is what lets
+        # `--ckpt_path last` find the previous run's last.ckpt.
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(root / "checkpoints")
+        for logger in _logger_configs(config.trainer.logger):
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and "save_dir" in init_args and not init_args.save_dir:
+                init_args.save_dir = str(root)
+        # Evaluating a checkpoint: its weights replace the backbone's, so don't fetch them.
+        if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path"):
+            config.model.init_args.pretrained = False
+            config.model.init_args.weights = None
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = self.trainer.callback_metrics
+        shown = sorted(k for k in metrics if k.startswith("val/") and "/acc_class/" not in k)
+        print("final validation: " + "  ".join(f"{k} {metrics[k].item():.4f}" for k in shown))
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_path:
+            score = checkpoint.best_model_score
+            print(f"best checkpoint: {checkpoint.best_model_path} ({checkpoint.monitor} {score.item():.4f})")
+
+
+def create_cli(args=None, run: bool = True) -> FinetuneCLI:
+    """The CLI object; tests call this in-process with `args` to skip ~10 s of imports."""
+    return FinetuneCLI(
+        FinetuneTask,
+        ImageFolderDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        # Tasks build their own optimizer (param groups, no decay on norms): no CLI override.
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    create_cli()
+
+
+if __name__ == "__main__":
+    main()

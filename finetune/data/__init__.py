@@ -1,0 +1,3 @@
+from finetune.data.classification import ImageFolderDataModule
+
+__all__ = ["ImageFolderDataModule"]

@@ -1,0 +1,126 @@
+"""DataModule for image classification from a folder of class sub-folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.backbones import data_config
+from finetune.data.folder import Sample, list_images, scan_image_folder
+from finetune.data.images import read_rgb
+from finetune.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """(path, label) pairs -> {"image": CHW float tensor, "label": int, "path": str}."""
+
+    def __init__(self, samples: list[Sample], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        image = self.transform(image=read_rgb(path))["image"]
+        return {"image": image, "label": label, "path": path}
+
+
+def default_num_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images in `root/<class>/*` or `root/{train,val[,test]}/<class>/*`.
+
+    Classes are read here, at construction, so that the CLI can link `num_classes` and
+    `class_names` into the model before it is built. `image_size`, `mean`, `std`, `crop_pct`
+    and `interpolation` default to the pretrained config of `backbone` (linked from the model).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        backbone: str = "resnet50",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        image_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
+        scale: tuple[float, float] = (0.25, 1.0),
+        hflip: float = 0.5,
+        predict_root: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.splits = scan_image_folder(root, val_fraction, seed)
+        pretrained = data_config(backbone)
+        self.image_size = image_size or pretrained["input_size"][-1]
+        self.mean = tuple(mean or pretrained["mean"])
+        self.std = tuple(std or pretrained["std"])
+        self.crop_pct = crop_pct or pretrained["crop_pct"]
+        self.interpolation = interpolation or pretrained["interpolation"]
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        log.info(
+            "%s: %d classes, %d train / %d val / %d test images; input %dpx, mean %s, std %s",
+            root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
+            self.image_size, self.mean, self.std,
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.splits.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.class_names)
+
+    def train_transform(self):
+        return train_transform(self.image_size, self.mean, self.std, self.hparams.scale, self.hparams.hflip, self.interpolation)
+
+    def eval_transform(self):
+        return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+
+    def _loader(self, samples: list[Sample], transform, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ImageDataset(samples, transform),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=shuffle and len(samples) > self.hparams.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.train, self.train_transform(), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.val, self.eval_transform(), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.splits.test:
+            raise ValueError(f"data.root: {self.hparams.root} has no test/ split; add root/test/<class>/*")
+        return self._loader(self.splits.test, self.eval_transform(), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        folder = self.hparams.predict_root
+        if folder is None or not Path(folder).is_dir():
+            raise ValueError(f"data.predict_root: {folder!r} is not a folder; pass --data.predict_root PATH")
+        samples = [(str(p), -1) for p in list_images(Path(folder))]
+        if not samples:
+            raise ValueError(f"data.predict_root: no images under {folder}")
+        return self._loader(samples, self.eval_transform(), shuffle=False)

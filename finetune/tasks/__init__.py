@@ -1,0 +1,3 @@
+from finetune.tasks.classification import ClassificationTask
+
+__all__ = ["ClassificationTask"]

@@ -1,0 +1,112 @@
+"""Image classification: timm backbone + pooled linear head + cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from finetune.backbones import Pretrained, create_backbone
+from finetune.heads.classification import ClassificationHead
+from finetune.optim import OptimizerName, SchedulerName
+from finetune.tasks.base import FinetuneTask
+
+# Past this many classes per-class scalars flood the logger; the confusion matrix still has them.
+MAX_PER_CLASS_SCALARS = 32
+
+
+def _summary_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes >= 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    # compute_groups merges metrics whose states look alike after the first batch; top-5
+    # accuracy and macro F1 have same-shaped states and got merged (F1 came out as top-5).
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+class ClassificationTask(FinetuneTask):
+    """Everything is a plain value so a checkpoint rebuilds the model without the config.
+
+    `num_classes` and `class_names` are linked from the DataModule by the CLI.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        pretrained: Pretrained = True,
+        weights: str | None = None,
+        class_names: list[str] | None = None,
+        pool: str = "avg",
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "cosine",
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+    ):
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"model.class_names has {len(class_names)} names for num_classes={num_classes}")
+        self.save_hyperparameters()
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.head = ClassificationHead(self.backbone.num_features, num_classes, pool, hidden_dim, dropout)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = _summary_metrics(num_classes, "val/")
+        self.test_metrics = _summary_metrics(num_classes, "test/")
+        self.val_per_class = MulticlassAccuracy(num_classes, average=None)
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.confusion_matrix: torch.Tensor | None = None  # last validation's, for loggers
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self._loss(logits, batch["label"])
+        self.train_acc(logits, batch["label"])
+        n = len(logits)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        labels = batch["label"]
+        self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True, batch_size=len(labels))
+        self.val_metrics.update(logits, labels)
+        self.val_per_class.update(logits, labels)
+        self.val_confusion.update(logits, labels)
+        self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(labels))
+        return logits.argmax(dim=1)  # for callbacks that show predictions
+
+    def on_validation_epoch_end(self) -> None:
+        per_class = self.val_per_class.compute()
+        if self.hparams.num_classes <= MAX_PER_CLASS_SCALARS:
+            for name, value in zip(self.class_names, per_class):
+                self.log(f"val/acc_class/{name}", value)
+        self.confusion_matrix = self.val_confusion.compute().cpu()
+        self.val_per_class.reset()
+        self.val_confusion.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        n = len(logits)
+        self.log("test/loss", self._loss(logits, batch["label"]), sync_dist=True, batch_size=n)
+        self.test_metrics.update(logits, batch["label"])
+        self.log_dict(self.test_metrics, batch_size=n)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"path": batch["path"], "probs": self(batch["image"]).softmax(dim=1)}

@@ -1,0 +1,114 @@
+"""Load a local weights file into a timm backbone, whatever shape the file comes in.
+
+Checkpoints in the wild wrap the tensors (`{"state_dict": ...}`, `{"model": ...}`), prefix
+them (`module.` from DataParallel, `model.`/`backbone.` from a training wrapper) and carry an
+old classifier. timm's own `pretrained_cfg_overlay=dict(file=...)` expects a clean file, so
+we unwrap and align keys here, then load with a report instead of a silent `strict=False`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "weights")
+
+
+@dataclass
+class LoadReport:
+    prefix: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped_classifier: list[str] = field(default_factory=list)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .pth/.pt/.bin/.ckpt/.safetensors file, unwrapped from common containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights: {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(str(path), device="cpu")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types
+            raise ValueError(
+                f"model.weights: {path} could not be read as plain tensors ({type(err).__name__}); "
+                "re-save it with torch.save(model.state_dict(), path) or as .safetensors"
+            ) from None
+    while isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= len(obj) / 2:
+            return tensors
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    raise ValueError(f"model.weights: {path} holds no state_dict (looked under {', '.join(_WRAPPER_KEYS)})")
+
+
+def best_prefix(file_keys: list[str], model_keys: set[str]) -> str:
+    """The key prefix whose removal makes the most file keys match the model.
+
+    Handles `module.`, `model.backbone.`, `module.pre.` and any other wrapper without a list
+    of known names, and leaves keys of other sub-modules (an old head) out of the match.
+    """
+    votes: Counter[str] = Counter()
+    for key in file_keys:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in model_keys:
+                votes[".".join(parts[:i]) + ("." if i else "")] += 1
+    if not votes:
+        return ""
+    return max(votes.items(), key=lambda kv: (kv[1], -len(kv[0])))[0]
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, classifier: str = "fc") -> LoadReport:
+    """Load `path` into `model` (a timm model built with num_classes=0) and report what happened."""
+    source = read_state_dict(path)
+    target = model.state_dict()
+    prefix = best_prefix(list(source), set(target))
+    aligned, unexpected, dropped = {}, [], []
+    for key, tensor in source.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name is not None and name in target:
+            aligned[name] = tensor
+        elif name is not None and (name == classifier or name.startswith(classifier + ".")):
+            dropped.append(key)
+        else:
+            unexpected.append(key)
+    if not aligned:
+        raise ValueError(
+            f"model.weights: no tensor in {path} matches the backbone's keys "
+            f"(e.g. {next(iter(target))!r}); is it weights for another architecture?"
+        )
+    for name, tensor in aligned.items():
+        if tensor.shape != target[name].shape:
+            raise ValueError(
+                f"model.weights: {prefix}{name} in {path} has shape {tuple(tensor.shape)}, the backbone "
+                f"expects {tuple(target[name].shape)}; the file is for a different model variant"
+            )
+    missing = sorted(set(target) - set(aligned))
+    model.load_state_dict(aligned, strict=False)
+    report = LoadReport(prefix, len(aligned), missing, unexpected, dropped)
+    log.info(
+        "Loaded %d tensors from %s (prefix %r stripped, old classifier %s dropped)",
+        report.loaded, path, prefix, dropped or "none",
+    )
+    if missing:
+        log.warning("%d backbone tensors were not in %s and keep their init: %s", len(missing), path, missing[:8])
+    if unexpected:
+        log.warning("%d tensors in %s match nothing in the backbone: %s", len(unexpected), path, unexpected[:8])
+    return report
