@@ -9,9 +9,9 @@ from pathlib import Path
 # Set before albumentations is imported anywhere: its update check goes to the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from finetune.callbacks.checkpoint import ModelCheckpoint  # noqa: E402
 from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
 from finetune.data.classification import ImageFolderDataModule  # noqa: E402
 from finetune.tasks.base import FinetuneTask  # noqa: E402
@@ -44,7 +44,7 @@ class FinetuneCLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", apply_on="parse")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(config.trainer.default_root_dir or "runs")
         config.trainer.default_root_dir = str(root)
         # A fixed checkpoint folder (not one per logger version) is what lets

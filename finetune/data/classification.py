@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune.backbones import data_config
 from finetune.data.folder import Sample, list_images, scan_image_folder
@@ -94,11 +94,23 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
 
+    def _train_sampler(self, dataset: Dataset) -> DistributedSampler:
+        """The shuffle order is a function of (data.seed, epoch) alone, for any number of ranks.
+
+        So a resumed run sees the epochs it missed in the order it would have, and N ranks of
+        batch B step through the same global batches as 1 process of batch N*B. Lightning
+        calls set_epoch() on it and leaves a DistributedSampler it is given in place.
+        """
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+
     def _loader(self, samples: list[Sample], transform, shuffle: bool) -> DataLoader:
+        dataset = ImageDataset(samples, transform)
         return DataLoader(
-            ImageDataset(samples, transform),
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=self._train_sampler(dataset) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

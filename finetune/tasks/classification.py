@@ -78,7 +78,7 @@ class ClassificationTask(FinetuneTask):
         loss = self._loss(logits, batch["label"])
         self.train_acc(logits, batch["label"])
         n = len(logits)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
@@ -96,10 +96,13 @@ class ClassificationTask(FinetuneTask):
         per_class = self.val_per_class.compute()
         if self.hparams.num_classes <= MAX_PER_CLASS_SCALARS:
             for name, value in zip(self.class_names, per_class):
-                self.log(f"val/acc_class/{name}", value)
+                self.log(f"val/acc_class/{name}", value, sync_dist=True)  # equal on all ranks already
         self.confusion_matrix = self.val_confusion.compute().cpu()
-        self.val_per_class.reset()
-        self.val_confusion.reset()
+        # Reset outside inference mode: states re-created inside it are inference tensors,
+        # and the next validation under fit's no_grad could not update them in place.
+        with torch.inference_mode(False):
+            self.val_per_class.reset()
+            self.val_confusion.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny generated images, so no test needs the network or a dataset."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+def write_colour_images(folder: Path, per_class: int, seed: int, size: int = 24) -> None:
+    """A learnable set: each class is a noisy image of one dominant colour."""
+    rng = np.random.default_rng(seed)
+    for name, colour in CLASS_COLOURS.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.normal(0, 40, (size, size, 3))
+            pixels = np.clip(np.array(colour) * rng.uniform(0.6, 1.2) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{name}_{i:03d}.png")
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory) -> Path:
+    """root/{train,val}/<colour>/*.png with 16 train and 8 val images per class."""
+    root = tmp_path_factory.mktemp("colours")
+    write_colour_images(root / "train", 16, seed=0)
+    write_colour_images(root / "val", 8, seed=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_in_home(tmp_path, monkeypatch):
+    """W&B must never need a login or write to the home folder during tests."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.delenv(var, raising=False)

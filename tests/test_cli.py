@@ -1,0 +1,121 @@
+"""The CLI end to end, in-process (each new process costs ~10 s of imports) except one."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from finetune.cli import create_cli
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+OVERLAYS = {"classify_resnext.yaml": "classify.yaml"}  # configs meant to stack on another
+
+
+def small_run(data: Path, run: Path, *extra: str) -> list[str]:
+    """Quickstart, shrunk to seconds: 32 px images, no workers, no progress bar."""
+    return [
+        "--config", QUICKSTART,
+        "--data.root", str(data), "--data.image_size", "32", "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
+        *extra,
+    ]
+
+
+def test_fit_writes_offline_wandb_run_then_predict_writes_csv(colour_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    cli = create_cli(["fit", *small_run(colour_folder, run, "--trainer.max_epochs", "4", "--model.lr", "0.003")])
+    assert "final validation: " in capsys.readouterr().out
+    assert cli.trainer.callback_metrics["val/acc"] >= 0.9
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
+    media = offline_runs[0] / "files" / "media"
+    assert list((media / "images").rglob("*.png")), "prediction grid was not logged"
+    assert list((media / "table").rglob("*.json")), "confusion matrix was not logged"
+    assert not list((tmp_path / "home").rglob("*wandb*")), "W&B wrote into the home folder"
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert Path(best).parent == run / "checkpoints" and (run / "checkpoints" / "last.ckpt").is_file()
+
+    out = tmp_path / "predictions.csv"
+    create_cli([
+        "predict", *small_run(colour_folder, run), "--trainer.logger", "false", "--ckpt_path", best,
+        "--data.predict_root", str(colour_folder / "val"), "--predictions.path", str(out),
+    ])
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 24 and list(rows[0]) == ["path", "prediction", "probability", "top5"]
+    correct = sum(Path(r["path"]).parent.name == r["prediction"] for r in rows)
+    assert correct >= 20
+    top = rows[0]["top5"].split(";")
+    assert len(top) == 3 and top[0].split(":")[0] == rows[0]["prediction"]
+    assert abs(sum(float(t.split(":")[1]) for t in top) - 1) < 1e-3
+
+
+class RecordResume(Callback):
+    def __init__(self):
+        self.batches = 0
+        self.start_weights = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.start_epoch = trainer.current_epoch
+
+    def on_train_batch_end(self, *args):
+        self.batches += 1
+
+
+def test_resume_from_last_continues_where_it_stopped(colour_folder, tmp_path):
+    run = tmp_path / "run"
+    base = small_run(colour_folder, run, "--trainer.logger", "false")
+    create_cli(["fit", *base, "--trainer.max_epochs", "2"])
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 6)
+
+    cli = create_cli([*base, "--trainer.max_epochs", "3"], run=False)
+    recorder = RecordResume()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last")
+    assert recorder.start_epoch == 2 and recorder.batches == 3  # one more epoch, not three
+    for name, tensor in saved["state_dict"].items():
+        torch.testing.assert_close(recorder.start_weights[name], tensor, msg=name)
+    adam_steps = {int(s["step"]) for s in cli.trainer.optimizers[0].state_dict()["state"].values()}
+    assert adam_steps == {9}  # optimizer state was restored, not restarted
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_instantiates(config, colour_folder, tmp_path):
+    args = ["--config", str(config)]
+    if config.name in OVERLAYS:
+        args = ["--config", str(REPO / "configs" / OVERLAYS[config.name]), *args]
+    cli = create_cli(
+        [*args, "--data.root", str(colour_folder), "--model.pretrained", "false", "--trainer.accelerator", "cpu",
+         "--trainer.precision", "32", "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )
+    assert cli.model.hparams.num_classes == 3 and cli.model.class_names == ["blue", "green", "red"]
+    assert cli.datamodule.hparams.backbone == cli.model.hparams.backbone
+
+
+def test_console_script_runs_fast_dev_run(colour_folder, tmp_path):
+    """The installed `finetune` command itself, once, in a fresh process."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [Path(sys.executable).parent / "finetune", "fit", *small_run(colour_folder, tmp_path / "run"),
+         "--model.backbone", "resnext50_32x4d", "--trainer.fast_dev_run", "true"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final validation: val/acc" in result.stdout
+
+
+def test_bad_backbone_name_is_one_line_with_suggestions(colour_folder, tmp_path):
+    with pytest.raises(ValueError, match="unknown timm model 'resnet5'; close matches: .*resnet50"):
+        create_cli([*small_run(colour_folder, tmp_path), "--model.backbone", "resnet5"], run=False)
