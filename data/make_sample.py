@@ -1,7 +1,7 @@
 """Regenerate data/fashion-mnist-sample/ from the Fashion-MNIST files (MIT licence).
 
     apt-get install dataset-fashion-mnist      # Debian: installs the files offline
-    python data/make_sample.py                 # or: --source DIR --train 50 --val 15
+    python data/make_sample.py                 # or: --source DIR --train 100 --val 20
 
 Takes the first N images of each class from Fashion-MNIST's train split for train/ and
 from its test split for val/, so the sample's val images are never in any train set.
@@ -40,8 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "fashion-mnist-sample")
-    parser.add_argument("--train", type=int, default=50, help="images per class in train/")
-    parser.add_argument("--val", type=int, default=15, help="images per class in val/")
+    parser.add_argument("--train", type=int, default=100, help="images per class in train/")
+    parser.add_argument("--val", type=int, default=20, help="images per class in val/")
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
