@@ -9,24 +9,22 @@ import torch
 from torch import nn
 
 OptimizerName = Literal["adamw", "sgd"]
-SchedulerName = Literal["cosine", "constant"]
+SchedulerName = Literal["cosine", "constant", "onecycle", "plateau"]
 
 
-def decay_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dict]:
-    """Two groups per named module: weights with decay, norms and biases without.
+def decay_split(name: str, params: list[nn.Parameter], weight_decay: float, lr: float, **extra) -> list[dict]:
+    """Two optimizer groups: weights with decay, and 1-D tensors (norms, biases) without.
 
     Decaying BN scales and biases only pulls them towards zero and hurts fine-tuning (the
     timm and fastai defaults exclude them too). Groups carry a `name` for LR logging.
     """
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = []
-    for name, module in modules.items():
-        decay, no_decay = [], []
-        for param_name, param in module.named_parameters():
-            (no_decay if param.ndim <= 1 or param_name.endswith(".bias") else decay).append(param)
-        if decay:
-            groups.append({"name": name, "params": decay, "weight_decay": weight_decay})
-        if no_decay:
-            groups.append({"name": f"{name}_no_decay", "params": no_decay, "weight_decay": 0.0})
+    if decay:
+        groups.append({"name": name, "params": decay, "weight_decay": weight_decay, "lr": lr, **extra})
+    if no_decay:
+        groups.append({"name": f"{name}_no_decay", "params": no_decay, "weight_decay": 0.0, "lr": lr, **extra})
     return groups
 
 
@@ -38,7 +36,7 @@ def build_optimizer(name: OptimizerName, groups: list[dict], lr: float, momentum
     raise ValueError(f"model.optimizer: {name!r} is not one of adamw, sgd")
 
 
-def warmup_then(name: SchedulerName, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
+def warmup_then(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
     """LR multiplier per optimizer step: linear warmup, then cosine decay or constant."""
 
     def factor(step: int) -> float:
@@ -50,3 +48,25 @@ def warmup_then(name: SchedulerName, total_steps: int, warmup_steps: int, min_lr
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def build_scheduler(
+    name: SchedulerName, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float
+) -> dict:
+    """A Lightning lr_scheduler config. Every scheduler scales each group's own initial LR,
+    so per-stage multipliers survive it."""
+    if name in ("cosine", "constant"):
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(name, total_steps, warmup_steps, min_lr_ratio))
+        return {"scheduler": schedule, "interval": "step"}
+    if name == "onecycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=max(2, total_steps),
+            pct_start=min(0.5, max(warmup_steps, 1) / max(2, total_steps)),
+        )
+        return {"scheduler": schedule, "interval": "step"}
+    if name == "plateau":
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2)
+        return {"scheduler": schedule, "interval": "epoch", "monitor": "val/loss"}
+    raise ValueError(f"model.scheduler: {name!r} is not one of cosine, constant, onecycle, plateau")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -18,17 +19,41 @@ from finetune.data.transforms import eval_transform, train_transform
 log = logging.getLogger(__name__)
 
 
-class ImageDataset(Dataset):
-    """(path, label) pairs -> {"image": CHW float tensor, "label": int, "path": str}."""
+class EpochShuffleSampler(DistributedSampler):
+    """DistributedSampler whose order is a function of (seed, epoch) alone, for any number of
+    ranks, and which hands the epoch to the dataset with each index: `(index, epoch)`.
 
-    def __init__(self, samples: list[Sample], transform):
+    So a resumed run sees the epochs it missed in the order, and with the augmentations, it
+    would have; and N ranks of batch B step through the same global batches as 1 process of
+    batch N*B. Lightning calls set_epoch() on it and leaves a DistributedSampler in place.
+    """
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
+
+
+class ImageDataset(Dataset):
+    """(path, label) pairs -> {"image": CHW float tensor, "label": int, "path": str}.
+
+    Indexed by `(index, epoch)` (from EpochShuffleSampler), random augmentation is seeded by
+    (seed, epoch, index): the same image gets the same crop in a resumed or a DDP run,
+    whatever the worker that loads it.
+    """
+
+    def __init__(self, samples: list[Sample], transform, seed: int = 0):
         self.samples = samples
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        if isinstance(key, tuple):
+            index, epoch = key
+            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+        else:
+            index = key
         path, label = self.samples[index]
         image = self.transform(image=read_rgb(path))["image"]
         return {"image": image, "label": label, "path": path}
@@ -94,19 +119,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
 
-    def _train_sampler(self, dataset: Dataset) -> DistributedSampler:
-        """The shuffle order is a function of (data.seed, epoch) alone, for any number of ranks.
-
-        So a resumed run sees the epochs it missed in the order it would have, and N ranks of
-        batch B step through the same global batches as 1 process of batch N*B. Lightning
-        calls set_epoch() on it and leaves a DistributedSampler it is given in place.
-        """
+    def _train_sampler(self, dataset: Dataset) -> EpochShuffleSampler:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        return EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
 
     def _loader(self, samples: list[Sample], transform, shuffle: bool) -> DataLoader:
-        dataset = ImageDataset(samples, transform)
+        dataset = ImageDataset(samples, transform, self.hparams.seed)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,

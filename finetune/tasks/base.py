@@ -1,38 +1,83 @@
-"""What every task shares: the optimizer and LR schedule built from plain hyperparameters."""
+"""What every task shares: freeze/unfreeze schedule, per-stage LRs, optimizer and schedule.
+
+Subclasses build `self.backbone` and `self.head`, then call `self.setup_finetuning(config)`,
+and save these hyperparameters: optimizer, lr, weight_decay, momentum, scheduler,
+warmup_epochs, min_lr_ratio, finetuning.
+"""
 
 from __future__ import annotations
 
 import lightning as L
-import torch
 from torch import nn
 
-from finetune.optim import build_optimizer, decay_groups, warmup_then
+from finetune import finetuning as ft
+from finetune.optim import build_optimizer, build_scheduler, decay_split
+
+HEAD_STAGE = -1  # stage index of the head's optimizer groups: always trainable
 
 
 class FinetuneTask(L.LightningModule):
-    """Subclasses set `self.backbone` and `self.head` and save these hyperparameters:
-    optimizer, lr, weight_decay, momentum, scheduler, warmup_epochs, min_lr_ratio."""
-
     backbone: nn.Module
     head: nn.Module
 
-    def param_modules(self) -> dict[str, nn.Module]:
-        return {"backbone": self.backbone, "head": self.head}
+    def setup_finetuning(self, config: ft.FinetuningConfig | None) -> None:
+        self.stages = ft.backbone_stages(self.backbone)
+        in_stages = sum(len(stage.params) for stage in self.stages)
+        if in_stages != len(list(self.backbone.parameters())):
+            raise RuntimeError(f"{type(self.backbone).__name__}: timm's group_matcher left parameters out of every stage")
+        self.finetuning = ft.resolve(config, len(self.stages), [s.name for s in self.stages])
+        self.trainable_stages = -1
+        self.apply_finetuning(epoch=0)
+        self._ddp_managed: set[int] = set()
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = decay_groups(self.param_modules(), hp.weight_decay)
-        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        warmup = min(total - 1, round(hp.warmup_epochs * steps_per_epoch)) if total > 1 else 0
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_then(hp.scheduler, total, warmup, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def apply_finetuning(self, epoch: int) -> None:
+        """Trainable stages for `epoch`: a pure function of it, so identical on every rank."""
+        self.trainable_stages = ft.trainable_stage_count(self.finetuning, len(self.stages), epoch)
+        ft.apply(self.stages, self.trainable_stages, self.finetuning["train_bn"], self.training)
+
+    def train(self, mode: bool = True):
+        # Anyone's .train() (Lightning's, a user's) would put frozen BatchNorm back into
+        # batch-statistics mode; re-assert the schedule's modes after it.
+        super().train(mode)
+        if getattr(self, "stages", None) is not None and self.trainable_stages >= 0:
+            ft.apply(self.stages, self.trainable_stages, self.finetuning["train_bn"], mode)
+        return self
+
+    def setup(self, stage: str) -> None:
+        # Runs before the strategy wraps the model in DDP: what is trainable now is what DDP
+        # will all-reduce. Stages unfrozen later are averaged by on_before_optimizer_step.
+        self._ddp_managed = {id(p) for p in self.parameters() if p.requires_grad}
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_finetuning(self.current_epoch)
+        self.log("train/trainable_params", float(ft.count_trainable(self)), on_step=False, on_epoch=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            late = [p for p in self.parameters() if p.grad is not None and id(p) not in self._ddp_managed]
+            ft.average_unmanaged_gradients(late, world_size)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Logged here rather than by LearningRateMonitor, which refuses to run without a
-        # logger (`--trainer.logger false`). Group names come from `decay_groups`.
+        # logger (`--trainer.logger false`). A frozen group's effective LR is 0.
         for group in self.optimizers().optimizer.param_groups:
-            self.log(f"lr/{group['name']}", group["lr"], on_step=True, on_epoch=False)
+            frozen = group["stage"] != HEAD_STAGE and group["stage"] >= self.trainable_stages
+            self.log(f"lr/{group['name']}", 0.0 if frozen else group["lr"], on_step=True, on_epoch=False)
+
+    def param_groups(self) -> list[dict]:
+        """The head at `lr`, then each backbone stage at `lr * multiplier`: all from step one."""
+        hp = self.hparams
+        groups = decay_split("head", list(self.head.parameters()), hp.weight_decay, hp.lr, stage=HEAD_STAGE)
+        multipliers = ft.lr_multipliers(self.finetuning, len(self.stages))
+        for index, (stage, mult) in enumerate(zip(self.stages, multipliers)):
+            groups += decay_split(stage.name, stage.params, hp.weight_decay, hp.lr * mult, stage=index)
+        return groups
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(hp.optimizer, self.param_groups(), hp.lr, hp.momentum)
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(total - 1, round(hp.warmup_epochs * steps_per_epoch)) if total > 1 else 0
+        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(hp.scheduler, optimizer, total, warmup, hp.min_lr_ratio)}

@@ -8,6 +8,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from finetune.backbones import Pretrained, create_backbone
+from finetune.finetuning import FinetuningConfig
 from finetune.heads.classification import ClassificationHead
 from finetune.optim import OptimizerName, SchedulerName
 from finetune.tasks.base import FinetuneTask
@@ -52,6 +53,7 @@ class ClassificationTask(FinetuneTask):
         scheduler: SchedulerName = "cosine",
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
+        finetuning: FinetuningConfig | None = None,
     ):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -60,6 +62,7 @@ class ClassificationTask(FinetuneTask):
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
         self.head = ClassificationHead(self.backbone.num_features, num_classes, pool, hidden_dim, dropout)
+        self.setup_finetuning(finetuning)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = _summary_metrics(num_classes, "val/")
         self.test_metrics = _summary_metrics(num_classes, "test/")
