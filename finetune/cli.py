@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 # Set before albumentations is imported anywhere: its update check goes to the network.
@@ -14,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from finetune.callbacks.checkpoint import ModelCheckpoint  # noqa: E402
 from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
 from finetune.data.classification import ImageFolderDataModule  # noqa: E402
+from finetune.lr_find import run_lr_find  # noqa: E402
 from finetune.tasks.base import FinetuneTask  # noqa: E402
 
 log = logging.getLogger("finetune")
@@ -37,6 +39,11 @@ class FinetuneCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+        parser.add_argument(
+            "--lr_find", type=bool, default=False,
+            help="fit only: run the LR range test (Lightning Tuner), print and plot the suggestion, then stop",
+        )
+        parser.add_argument("--lr_find_steps", type=int, default=100, help="training steps the LR range test takes")
         # Facts of the data go into the model, never typed twice.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
@@ -60,8 +67,15 @@ class FinetuneCLI(LightningCLI):
             config.model.init_args.pretrained = False
             config.model.init_args.weights = None
 
+    def fit(self, model, **kwargs) -> None:
+        """`fit`, or with --lr_find (`finetune lr-find`) the LR range test instead."""
+        if self.config.fit.get("lr_find"):
+            run_lr_find(self.trainer, model, kwargs.get("datamodule"), self.config.fit.lr_find_steps)
+            return
+        self.trainer.fit(model, **kwargs)
+
     def after_fit(self) -> None:
-        if not self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero or self.config.fit.get("lr_find"):
             return
         metrics = self.trainer.callback_metrics
         shown = sorted(k for k in metrics if k.startswith("val/") and "/acc_class/" not in k)
@@ -89,7 +103,10 @@ def create_cli(args=None, run: bool = True) -> FinetuneCLI:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    create_cli()
+    args = sys.argv[1:]
+    if args[:1] == ["lr-find"]:  # `finetune lr-find ...` is `finetune fit --lr_find true ...`
+        args = ["fit", "--lr_find", "true", *args[1:]]
+    create_cli(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,36 @@ def test_console_script_runs_fast_dev_run(colour_folder, tmp_path):
 def test_bad_backbone_name_is_one_line_with_suggestions(colour_folder, tmp_path):
     with pytest.raises(ValueError, match="unknown timm model 'resnet5'; close matches: .*resnet50"):
         create_cli([*small_run(colour_folder, tmp_path), "--model.backbone", "resnet5"], run=False)
+
+
+@pytest.mark.parametrize(
+    "finetuning, trainable_at_end",
+    [({"strategy": "none"}, 4), ({"strategy": "frozen"}, 0),
+     ({"strategy": "freeze_then_unfreeze", "unfreeze_at": [1]}, 4),
+     ({"strategy": "gradual", "unfreeze_at": [1, 1, 2, 2], "lr_decay": 0.5}, 2)],
+    ids=lambda v: v["strategy"] if isinstance(v, dict) else str(v),
+)
+def test_every_strategy_runs_through_the_cli(finetuning, trainable_at_end, colour_folder, tmp_path):
+    cli = create_cli([
+        "fit", *small_run(colour_folder, tmp_path, "--trainer.logger", "false"), "--trainer.max_epochs", "2",
+        "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+        "--model.finetuning", json.dumps(finetuning),
+    ])
+    assert cli.model.trainable_stages == trainable_at_end
+    assert cli.model.hparams.finetuning == finetuning  # stored as plain values in the checkpoint
+
+
+def test_lr_find_prints_and_plots_a_suggestion_without_training(colour_folder, tmp_path, monkeypatch, capsys):
+    from finetune.cli import main
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(
+        sys, "argv", ["finetune", "lr-find", *small_run(colour_folder, run, "--trainer.logger", "false", "--lr_find_steps", "30")]
+    )
+    main()
+    out = capsys.readouterr().out
+    assert "suggested learning rate: " in out or "no learning rate suggested" in out
+    assert "| marks the suggestion" in out
+    rows = (run / "lr_find.csv").read_text().splitlines()
+    assert rows[0] == "lr,loss" and len(rows) > 10
+    assert not (run / "checkpoints" / "last.ckpt").exists()  # it did not go on to train
