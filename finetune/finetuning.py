@@ -35,7 +35,9 @@ class FinetuningConfig(TypedDict, total=False):
         first (ResNet: layer4, layer3, layer2, stem+layer1). Default [1, 2, 3, 4].
     lr_decay: each stage further from the head gets lr * lr_decay once more. Default 1.0.
     lr_mult: explicit LR multipliers, from the last stage to the first (overrides lr_decay).
-    train_bn: BatchNorm of frozen stages keeps training (fastai's default). Default false.
+    train_bn: BatchNorm of frozen stages keeps training (fastai's default). Default: true for
+        freeze_then_unfreeze and gradual, false for frozen (a linear probe leaves the backbone
+        bit-identical). Measured by benchmarks/train_bn_default.py; see the README.
     """
 
     strategy: Strategy
@@ -45,7 +47,7 @@ class FinetuningConfig(TypedDict, total=False):
     train_bn: bool
 
 
-DEFAULTS: FinetuningConfig = {"strategy": "none", "unfreeze_at": [1, 2, 3, 4], "lr_decay": 1.0, "train_bn": False}
+DEFAULTS: FinetuningConfig = {"strategy": "none", "unfreeze_at": [1, 2, 3, 4], "lr_decay": 1.0}
 
 
 @dataclass
@@ -93,6 +95,7 @@ def backbone_stages(backbone: nn.Module) -> list[Stage]:
 def resolve(config: FinetuningConfig | None, num_stages: int, stage_names: list[str]) -> FinetuningConfig:
     """Defaults filled in, and checked against the backbone's stages with one-line errors."""
     resolved: FinetuningConfig = {**DEFAULTS, **(config or {})}
+    resolved.setdefault("train_bn", resolved["strategy"] != "frozen")
     if resolved["strategy"] not in STRATEGIES:
         raise ValueError(f"model.finetuning.strategy: {resolved['strategy']!r} is not one of {', '.join(STRATEGIES)}")
     unfreeze_at = resolved["unfreeze_at"]

@@ -55,7 +55,7 @@ def changed(before: dict, module: nn.Module, prefix: str) -> set[str]:
 
 def test_frozen_backbone_is_bit_identical_and_bn_statistics_untouched(colour_folder):
     L.seed_everything(0)
-    dm, task = make(colour_folder, {"strategy": "frozen"})
+    dm, task = make(colour_folder, {"strategy": "frozen"})  # train_bn defaults to false here
     before = snapshot(task)
     trainer(2).fit(task, dm)
     assert not changed(before, task, "backbone.")  # weights and BN running statistics
@@ -66,7 +66,7 @@ def test_frozen_backbone_is_bit_identical_and_bn_statistics_untouched(colour_fol
 
 def test_gradual_unfreezes_one_stage_per_epoch(colour_folder):
     L.seed_everything(0)
-    dm, task = make(colour_folder, {"strategy": "gradual", "unfreeze_at": [1, 2, 3, 4]})
+    dm, task = make(colour_folder, {"strategy": "gradual", "unfreeze_at": [1, 2, 3, 4], "train_bn": False})
     before = snapshot(task)
     fit = trainer(2)
     fit.fit(task, dm)  # epoch 0: head only; epoch 1: + layer4
@@ -86,6 +86,12 @@ def test_train_bn_keeps_frozen_batchnorm_learning(colour_folder):
     moved = changed(before, task, "backbone.")
     assert "backbone.layer1.0.bn1.running_mean" in moved and "backbone.layer1.0.bn1.weight" in moved
     assert not any(k.endswith("conv1.weight") for k in moved)
+
+
+def test_train_bn_default_depends_on_strategy(colour_folder):
+    assert make(colour_folder, {"strategy": "frozen"})[1].finetuning["train_bn"] is False
+    assert make(colour_folder, {"strategy": "gradual"})[1].finetuning["train_bn"] is True
+    assert make(colour_folder, {"strategy": "gradual", "train_bn": False})[1].finetuning["train_bn"] is False
 
 
 def test_discriminative_learning_rates(colour_folder):
