@@ -10,11 +10,11 @@ from pathlib import Path
 # Set before albumentations is imported anywhere: its update check goes to the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from finetune.callbacks.checkpoint import ModelCheckpoint  # noqa: E402
 from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
-from finetune.data.classification import ImageFolderDataModule  # noqa: E402
 from finetune.lr_find import run_lr_find  # noqa: E402
 from finetune.tasks.base import FinetuneTask  # noqa: E402
 
@@ -90,7 +90,7 @@ def create_cli(args=None, run: bool = True) -> FinetuneCLI:
     """The CLI object; tests call this in-process with `args` to skip ~10 s of imports."""
     return FinetuneCLI(
         FinetuneTask,
-        ImageFolderDataModule,
+        L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=run,

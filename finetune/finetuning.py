@@ -57,6 +57,18 @@ class Stage:
     norms: list[nn.Module] = field(default_factory=list)
 
 
+def _group_matcher(backbone: nn.Module) -> dict:
+    if hasattr(backbone, "group_matcher"):
+        return backbone.group_matcher(coarse=True)
+    # features_only wrappers (segmentation) drop group_matcher; the architecture's own, from a
+    # parameter-less copy on the meta device, matches the same ResNet parameter names.
+    import timm
+
+    arch = backbone.pretrained_cfg["architecture"]
+    with torch.device("meta"):
+        return timm.create_model(arch, pretrained=False).group_matcher(coarse=True)
+
+
 def backbone_stages(backbone: nn.Module) -> list[Stage]:
     """The backbone's stages from timm's own `group_matcher`, ordered from the head down.
 
@@ -64,7 +76,7 @@ def backbone_stages(backbone: nn.Module) -> list[Stage]:
     (ResNetV2's final norm) into the last one: a ResNet gives layer4, layer3, layer2,
     stem+layer1.
     """
-    matcher = backbone.group_matcher(coarse=True)
+    matcher = _group_matcher(backbone)
     blocks = matcher["blocks"]
     if not isinstance(blocks, str):
         raise ValueError(f"{type(backbone).__name__}: only string block matchers are supported, got {blocks!r}")

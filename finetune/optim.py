@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 OptimizerName = Literal["adamw", "sgd"]
-SchedulerName = Literal["cosine", "constant", "onecycle", "plateau"]
+SchedulerName = Literal["cosine", "poly", "constant", "onecycle", "plateau"]
 
 
 def decay_split(name: str, params: list[nn.Parameter], weight_decay: float, lr: float, **extra) -> list[dict]:
@@ -37,7 +37,8 @@ def build_optimizer(name: OptimizerName, groups: list[dict], lr: float, momentum
 
 
 def warmup_then(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
-    """LR multiplier per optimizer step: linear warmup, then cosine decay or constant."""
+    """LR multiplier per optimizer step: linear warmup, then cosine, poly (power 0.9, the
+    DeepLab recipe) or constant."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -45,6 +46,8 @@ def warmup_then(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: fl
         if name == "constant":
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if name == "poly":
+            return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress) ** 0.9
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -55,7 +58,7 @@ def build_scheduler(
 ) -> dict:
     """A Lightning lr_scheduler config. Every scheduler scales each group's own initial LR,
     so per-stage multipliers survive it."""
-    if name in ("cosine", "constant"):
+    if name in ("cosine", "poly", "constant"):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(name, total_steps, warmup_steps, min_lr_ratio))
         return {"scheduler": schedule, "interval": "step"}
     if name == "onecycle":
@@ -69,4 +72,4 @@ def build_scheduler(
     if name == "plateau":
         schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2)
         return {"scheduler": schedule, "interval": "epoch", "monitor": "val/loss"}
-    raise ValueError(f"model.scheduler: {name!r} is not one of cosine, constant, onecycle, plateau")
+    raise ValueError(f"model.scheduler: {name!r} is not one of cosine, poly, constant, onecycle, plateau")

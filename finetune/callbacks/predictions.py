@@ -36,6 +36,8 @@ class PredictionCSVWriter(BasePredictionWriter):
         self._writer.writerow(["path", "prediction", "probability", f"top{self.top_k}"])
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if "probs" not in prediction:  # not a classifier (segmentation writes masks instead)
+            return
         names = pl_module.class_names
         probs = prediction["probs"].float().cpu()
         values, indices = probs.topk(min(self.top_k, probs.shape[1]), dim=1)

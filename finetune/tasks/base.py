@@ -68,7 +68,9 @@ class FinetuneTask(L.LightningModule):
     def param_groups(self) -> list[dict]:
         """The head at `lr`, then each backbone stage at `lr * multiplier`: all from step one."""
         hp = self.hparams
-        groups = decay_split("head", list(self.head.parameters()), hp.weight_decay, hp.lr, stage=HEAD_STAGE)
+        # Everything outside the backbone (head, auxiliary heads) trains at the base LR.
+        new_layers = [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+        groups = decay_split("head", new_layers, hp.weight_decay, hp.lr, stage=HEAD_STAGE)
         multipliers = ft.lr_multipliers(self.finetuning, len(self.stages))
         for index, (stage, mult) in enumerate(zip(self.stages, multipliers)):
             groups += decay_split(stage.name, stage.params, hp.weight_decay, hp.lr * mult, stage=index)

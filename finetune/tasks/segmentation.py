@@ -1,0 +1,144 @@
+"""Semantic segmentation: dilated timm ResNet (output stride 8 or 16) + DeepLabV3 (ASPP) head."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from finetune.backbones import Pretrained, create_backbone
+from finetune.finetuning import FinetuningConfig
+from finetune.heads.segmentation import ATROUS_RATES, DeepLabV3Head, FCNHead
+from finetune.optim import OptimizerName, SchedulerName
+from finetune.tasks.base import FinetuneTask
+
+MAX_PER_CLASS_SCALARS = 32
+
+
+class SegmentationTask(FinetuneTask):
+    """DeepLabV3 as in torchvision's recipe: ASPP on the last stage, an optional FCN auxiliary
+    head on layer3 (loss = out + aux_loss_weight * aux), poly LR, ignore_index 255.
+
+    Channel widths come from timm's feature_info, so resnet18 (512) and resnet50 (2048) both work.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        pretrained: Pretrained = True,
+        weights: str | None = None,
+        class_names: list[str] | None = None,
+        output_stride: Literal[8, 16] = 16,
+        atrous_rates: tuple[int, int, int] | None = None,
+        aspp_channels: int = 256,
+        aspp_dropout: float = 0.5,
+        aux_loss_weight: float = 0.4,
+        ignore_index: int = 255,
+        class_weights: list[float] | None = None,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "poly",
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        finetuning: FinetuningConfig | None = None,
+    ):
+        super().__init__()
+        if output_stride not in ATROUS_RATES:
+            raise ValueError(f"model.output_stride: {output_stride} is not 8 or 16")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"model.class_weights has {len(class_weights)} values for num_classes={num_classes}")
+        self.save_hyperparameters()
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        # layer3 (index 3) feeds the auxiliary head, layer4 (index 4) the ASPP.
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, weights=weights, features_only=True,
+            output_stride=output_stride, out_indices=(3, 4),
+        )
+        aux_channels, channels = self.backbone.feature_info.channels()
+        rates = tuple(atrous_rates or ATROUS_RATES[output_stride])
+        self.head = DeepLabV3Head(channels, num_classes, rates, aspp_channels, aspp_dropout)
+        self.aux_head = FCNHead(aux_channels, num_classes) if aux_loss_weight > 0 else None
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float) if class_weights else None)
+        self.setup_finetuning(finetuning)
+        metric_args = dict(num_classes=num_classes, ignore_index=ignore_index)
+        self.val_miou = MulticlassJaccardIndex(**metric_args, average="macro")
+        self.val_iou = MulticlassJaccardIndex(**metric_args, average=None)
+        self.val_pixel_acc = MulticlassAccuracy(**metric_args, average="micro")
+        self.test_miou = MulticlassJaccardIndex(**metric_args, average="macro")
+        self.test_pixel_acc = MulticlassAccuracy(**metric_args, average="micro")
+        self.per_class_iou: torch.Tensor | None = None  # last validation's, for loggers
+
+    def on_fit_start(self) -> None:
+        data_ignore = getattr(self.trainer.datamodule, "ignore_index", self.hparams.ignore_index)
+        if data_ignore != self.hparams.ignore_index:
+            raise ValueError(
+                f"model.ignore_index ({self.hparams.ignore_index}) differs from data.ignore_index ({data_ignore}); set both alike"
+            )
+
+    def check_input(self, images: torch.Tensor) -> None:
+        height, width = images.shape[-2:]
+        stride = self.hparams.output_stride
+        if min(height, width) < stride:
+            raise ValueError(
+                f"input {height}x{width} is smaller than the output stride {stride}: the features would be "
+                f"empty or 1x1; use images (or data.crop_size) of at least {4 * stride} px"
+            )
+
+    def forward_with_aux(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.check_input(images)
+        mid, last = self.backbone(images)
+        size = images.shape[-2:]
+        logits = F.interpolate(self.head(last), size=size, mode="bilinear", align_corners=False)
+        if self.aux_head is None or not self.training:
+            return logits, None
+        return logits, F.interpolate(self.aux_head(mid), size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_aux(images)[0]
+
+    def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, masks, weight=self.class_weights, ignore_index=self.hparams.ignore_index)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits, aux = self.forward_with_aux(batch["image"])
+        loss = self._loss(logits, batch["mask"])
+        if aux is not None:
+            loss = loss + self.hparams.aux_loss_weight * self._loss(aux, batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        masks = batch["mask"]
+        n = len(masks)
+        self.log("val/loss", self._loss(logits, masks), prog_bar=True, sync_dist=True, batch_size=n)
+        for metric in (self.val_miou, self.val_iou, self.val_pixel_acc):
+            metric.update(logits, masks)
+        self.log("val/miou", self.val_miou, prog_bar=True, batch_size=n)
+        self.log("val/pixel_acc", self.val_pixel_acc, batch_size=n)
+        return logits.argmax(dim=1)  # for callbacks that show predictions
+
+    def on_validation_epoch_end(self) -> None:
+        self.per_class_iou = self.val_iou.compute().cpu()
+        if self.hparams.num_classes <= MAX_PER_CLASS_SCALARS:
+            for name, value in zip(self.class_names, self.per_class_iou):
+                self.log(f"val/iou_class/{name}", value, sync_dist=True)  # equal on all ranks already
+        with torch.inference_mode(False):  # see ClassificationTask.on_validation_epoch_end
+            self.val_iou.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        n = len(logits)
+        self.log("test/loss", self._loss(logits, batch["mask"]), sync_dist=True, batch_size=n)
+        self.test_miou.update(logits, batch["mask"])
+        self.test_pixel_acc.update(logits, batch["mask"])
+        self.log("test/miou", self.test_miou, batch_size=n)
+        self.log("test/pixel_acc", self.test_pixel_acc, batch_size=n)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"path": batch["path"], "mask": self(batch["image"]).argmax(dim=1), "size": batch.get("size")}
