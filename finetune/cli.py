@@ -78,7 +78,7 @@ class FinetuneCLI(LightningCLI):
         if not self.trainer.is_global_zero or self.config.fit.get("lr_find"):
             return
         metrics = self.trainer.callback_metrics
-        shown = sorted(k for k in metrics if k.startswith("val/") and "/acc_class/" not in k)
+        shown = sorted(k for k in metrics if k.startswith("val/") and "_class/" not in k)  # per-class: in W&B
         print("final validation: " + "  ".join(f"{k} {metrics[k].item():.4f}" for k in shown))
         checkpoint = self.trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_path:

@@ -85,3 +85,11 @@ class WandbLogger(_LightningWandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         keep_wandb_files_under(Path(save_dir).resolve())
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, **kwargs)
+
+    def finalize(self, status: str) -> None:
+        # One run per fit. Lightning's logger leaves the W&B run open, and the next
+        # WandbLogger in the same process (a notebook, a test) would silently log into it.
+        super().finalize(status)
+        if self._experiment is not None and hasattr(self._experiment, "finish"):
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None

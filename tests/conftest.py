@@ -43,3 +43,30 @@ def _no_wandb_in_home(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.delenv(var, raising=False)
+
+
+def write_shape_images(folder: Path, count: int, seed: int, size: int = 48) -> None:
+    """A learnable segmentation set: red and blue squares (classes 1, 2) on grey noise (0)."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = rng.normal(128, 30, (size, size, 3))
+        mask = np.zeros((size, size), dtype=np.uint8)
+        for label, colour in ((1, (210, 40, 40)), (2, (40, 40, 210))):
+            side = rng.integers(10, 20)
+            top, left = rng.integers(0, size - side, 2)
+            image[top:top + side, left:left + side] = np.array(colour) + rng.normal(0, 20, (side, side, 3))
+            mask[top:top + side, left:left + side] = label
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / "images" / f"{i:03d}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory) -> Path:
+    """root/{train,val}/{images,masks} + classes.yaml: 24 train and 8 val images of 48 px."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_shape_images(root / "train", 24, seed=0)
+    write_shape_images(root / "val", 8, seed=1)
+    (root / "classes.yaml").write_text("- background\n- red\n- blue\n")
+    return root

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from lightning.pytorch import Callback
 
 from finetune.cli import create_cli
@@ -92,16 +94,18 @@ def test_resume_from_last_continues_where_it_stopped(colour_folder, tmp_path):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_instantiates(config, colour_folder, tmp_path):
+def test_every_config_instantiates(config, colour_folder, shapes_folder, tmp_path):
     args = ["--config", str(config)]
     if config.name in OVERLAYS:
         args = ["--config", str(REPO / "configs" / OVERLAYS[config.name]), *args]
+    segmentation = config.name.startswith("segment")
     cli = create_cli(
-        [*args, "--data.root", str(colour_folder), "--model.pretrained", "false", "--trainer.accelerator", "cpu",
-         "--trainer.precision", "32", "--trainer.default_root_dir", str(tmp_path)],
+        [*args, "--data.root", str(shapes_folder if segmentation else colour_folder), "--model.pretrained", "false",
+         "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.default_root_dir", str(tmp_path)],
         run=False,
     )
-    assert cli.model.hparams.num_classes == 3 and cli.model.class_names == ["blue", "green", "red"]
+    names = ["background", "red", "blue"] if segmentation else ["blue", "green", "red"]
+    assert cli.model.hparams.num_classes == 3 and cli.model.class_names == names
     assert cli.datamodule.hparams.backbone == cli.model.hparams.backbone
 
 
@@ -153,3 +157,26 @@ def test_lr_find_prints_and_plots_a_suggestion_without_training(colour_folder, t
     rows = (run / "lr_find.csv").read_text().splitlines()
     assert rows[0] == "lr,loss" and len(rows) > 10
     assert not (run / "checkpoints" / "last.ckpt").exists()  # it did not go on to train
+
+
+def test_segmentation_fit_then_predict_writes_masks(shapes_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = [
+        "--config", str(REPO / "configs" / "segment_quickstart.yaml"), "--data.root", str(shapes_folder),
+        "--data.crop_size", "48", "--data.num_workers", "0", "--trainer.default_root_dir", str(run),
+        "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--model.pretrained", "false",
+    ]
+    cli = create_cli(["fit", *common, "--trainer.max_epochs", "2"])
+    assert "val/miou" in capsys.readouterr().out
+    media = next((run / "wandb").glob("offline-run-*")) / "files" / "media"
+    assert list(media.rglob("*.mask.png")), "mask overlays were not logged"
+    assert list((media / "table").rglob("iou_per_class*.json")), "per-class IoU table was not logged"
+    create_cli([
+        "predict", *common, "--trainer.logger", "false", "--ckpt_path", cli.trainer.checkpoint_callback.last_model_path,
+        "--data.predict_root", str(shapes_folder / "val" / "images"),
+    ])
+    masks = sorted((run / "predictions" / "masks").glob("*.png"))
+    assert len(masks) == 8 and len(list((run / "predictions" / "overlays").glob("*.png"))) == 8
+    mask = np.asarray(Image.open(masks[0]))
+    assert mask.shape == (48, 48) and set(np.unique(mask)) <= {0, 1, 2}
+    assert not (run / "predictions.csv").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finetune.tasks import SegmentationTask
@@ -57,3 +58,45 @@ def test_ignored_pixels_count_in_neither_loss_nor_metrics():
     first.update(logits, masks)
     second.update(other, masks)
     assert torch.equal(first.compute(), second.compute())
+
+
+def test_test_time_flip_and_scales_average_views():
+    torch.manual_seed(0)
+    task = SegmentationTask(3, backbone="resnet18", pretrained=False, tta_flip=True, tta_scales=[0.75, 1.0]).eval()
+    images = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        probs = task.evaluate(images)
+        views = [
+            F.interpolate(task(F.interpolate(images, scale_factor=s, mode="bilinear") if s != 1 else images)
+                          .softmax(1), size=(64, 48), mode="bilinear")
+            for s in (0.75, 1.0)
+        ]
+        flipped = [
+            F.interpolate(task((F.interpolate(images, scale_factor=s, mode="bilinear") if s != 1 else images).flip(-1))
+                          .softmax(1).flip(-1), size=(64, 48), mode="bilinear")
+            for s in (0.75, 1.0)
+        ]
+    assert probs.shape == (1, 3, 64, 48)
+    torch.testing.assert_close(probs, sum(views + flipped) / 4)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 64, 48))
+
+
+def test_short_training_beats_the_best_constant_predictor(shapes_folder):
+    import lightning as L
+
+    from finetune.data import SegmentationFolderDataModule
+
+    L.seed_everything(0)
+    dm = SegmentationFolderDataModule(str(shapes_folder), backbone="resnet18", crop_size=48, scale=(0.75, 1.25),
+                                      batch_size=8, num_workers=0)
+    task = SegmentationTask(dm.num_classes, backbone="resnet18", pretrained=False, class_names=dm.class_names,
+                            output_stride=8, optimizer="adamw", lr=3e-3, scheduler="poly")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=10, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, dm)
+    # Best constant prediction is "background everywhere": IoU of background, 0 for the others.
+    masks = torch.cat([b["mask"].flatten() for b in dm.val_dataloader()])
+    masks = masks[masks != 255]
+    constant_miou = (masks == 0).float().mean().item() / dm.num_classes
+    miou = trainer.callback_metrics["val/miou"].item()
+    assert miou > constant_miou + 0.3, (miou, constant_miou)

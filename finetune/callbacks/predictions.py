@@ -28,7 +28,7 @@ class PredictionCSVWriter(BasePredictionWriter):
             path = path.with_suffix(f".rank{trainer.global_rank}.csv")
         return path
 
-    def on_predict_start(self, trainer, pl_module):
+    def _open(self, trainer) -> None:
         path = self.output_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "w", newline="")
@@ -38,6 +38,8 @@ class PredictionCSVWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if "probs" not in prediction:  # not a classifier (segmentation writes masks instead)
             return
+        if self._file is None:  # opened on the first batch, so other tasks leave no empty CSV
+            self._open(trainer)
         names = pl_module.class_names
         probs = prediction["probs"].float().cpu()
         values, indices = probs.topk(min(self.top_k, probs.shape[1]), dim=1)

@@ -1,3 +1,4 @@
 from finetune.data.classification import ImageFolderDataModule
+from finetune.data.segmentation import SegmentationFolderDataModule
 
-__all__ = ["ImageFolderDataModule"]
+__all__ = ["ImageFolderDataModule", "SegmentationFolderDataModule"]

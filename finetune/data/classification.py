@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import data_config
 from finetune.data.folder import Sample, list_images, scan_image_folder
 from finetune.data.images import read_rgb
+from finetune.data.sampling import default_num_workers, seeded_index, train_sampler
 from finetune.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
-
-
-class EpochShuffleSampler(DistributedSampler):
-    """DistributedSampler whose order is a function of (seed, epoch) alone, for any number of
-    ranks, and which hands the epoch to the dataset with each index: `(index, epoch)`.
-
-    So a resumed run sees the epochs it missed in the order, and with the augmentations, it
-    would have; and N ranks of batch B step through the same global batches as 1 process of
-    batch N*B. Lightning calls set_epoch() on it and leaves a DistributedSampler in place.
-    """
-
-    def __iter__(self):
-        return ((index, self.epoch) for index in super().__iter__())
 
 
 class ImageDataset(Dataset):
@@ -49,19 +35,10 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        if isinstance(key, tuple):
-            index, epoch = key
-            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
-        else:
-            index = key
+        index = seeded_index(self.transform, self.seed, key)
         path, label = self.samples[index]
         image = self.transform(image=read_rgb(path))["image"]
         return {"image": image, "label": label, "path": path}
-
-
-def default_num_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cpus)
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -119,17 +96,12 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
 
-    def _train_sampler(self, dataset: Dataset) -> EpochShuffleSampler:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
-
     def _loader(self, samples: list[Sample], transform, shuffle: bool) -> DataLoader:
         dataset = ImageDataset(samples, transform, self.hparams.seed)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            sampler=self._train_sampler(dataset) if shuffle else None,
+            sampler=train_sampler(self, dataset) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -38,6 +38,8 @@ class SegmentationTask(FinetuneTask):
         aux_loss_weight: float = 0.4,
         ignore_index: int = 255,
         class_weights: list[float] | None = None,
+        tta_flip: bool = False,
+        tta_scales: list[float] | None = None,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.01,
         weight_decay: float = 1e-4,
@@ -101,6 +103,22 @@ class SegmentationTask(FinetuneTask):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_with_aux(images)[0]
 
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for validation, test and predict, averaged over the optional
+        test-time flips (`tta_flip`) and scales (`tta_scales`, e.g. [0.75, 1.0, 1.25])."""
+        size = images.shape[-2:]
+        total = 0
+        views = 0
+        for scale in self.hparams.tta_scales or [1.0]:
+            scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            for flip in (False, True) if self.hparams.tta_flip else (False,):
+                view = scaled.flip(-1) if flip else scaled
+                probs = self(view).softmax(dim=1)
+                probs = probs.flip(-1) if flip else probs
+                total = total + F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+                views += 1
+        return total / views
+
     def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, masks, weight=self.class_weights, ignore_index=self.hparams.ignore_index)
 
@@ -113,7 +131,8 @@ class SegmentationTask(FinetuneTask):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        # log-probabilities: cross-entropy and argmax work on them as on logits, also after TTA.
+        logits = self.evaluate(batch["image"]).clamp_min(1e-8).log()
         masks = batch["mask"]
         n = len(masks)
         self.log("val/loss", self._loss(logits, masks), prog_bar=True, sync_dist=True, batch_size=n)
@@ -132,7 +151,7 @@ class SegmentationTask(FinetuneTask):
             self.val_iou.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
+        logits = self.evaluate(batch["image"]).clamp_min(1e-8).log()
         n = len(logits)
         self.log("test/loss", self._loss(logits, batch["mask"]), sync_dist=True, batch_size=n)
         self.test_miou.update(logits, batch["mask"])
@@ -141,4 +160,4 @@ class SegmentationTask(FinetuneTask):
         self.log("test/pixel_acc", self.test_pixel_acc, batch_size=n)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"path": batch["path"], "mask": self(batch["image"]).argmax(dim=1), "size": batch.get("size")}
+        return {"path": batch["path"], "mask": self.evaluate(batch["image"]).argmax(dim=1), "size": batch.get("size")}
