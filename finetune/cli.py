@@ -14,6 +14,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from finetune.callbacks.checkpoint import ModelCheckpoint  # noqa: E402
+from finetune.callbacks.embedding import EmbeddingWriter  # noqa: E402
 from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
 from finetune.lr_find import run_lr_find  # noqa: E402
 from finetune.tasks.base import FinetuneTask  # noqa: E402
@@ -39,6 +40,7 @@ class FinetuneCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+        parser.add_lightning_class_args(EmbeddingWriter, "embeddings")
         parser.add_argument(
             "--lr_find", type=bool, default=False,
             help="fit only: run the LR range test (Lightning Tuner), print and plot the suggestion, then stop",
@@ -104,6 +106,10 @@ def create_cli(args=None, run: bool = True) -> FinetuneCLI:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:]
+    if args[:1] == ["search"]:  # nearest neighbours from saved embeddings: no model, no Trainer
+        from finetune.search import main as search_main
+
+        return search_main(args[1:])
     if args[:1] == ["lr-find"]:  # `finetune lr-find ...` is `finetune fit --lr_find true ...`
         args = ["fit", "--lr_find", "true", *args[1:]]
     create_cli(args)

@@ -70,3 +70,26 @@ def shapes_folder(tmp_path_factory) -> Path:
     write_shape_images(root / "val", 8, seed=1)
     (root / "classes.yaml").write_text("- background\n- red\n- blue\n")
     return root
+
+
+def write_identities(root: Path, names: list[str], per_identity: int, seed: int, size: int = 32) -> None:
+    """Identities as 3x3 colour layouts, seen shifted, dimmed and noisy: learnable, but an
+    untrained network only partly separates them."""
+    rng = np.random.default_rng(seed)
+    for number, name in enumerate(names):
+        grid = np.random.default_rng([seed, number]).integers(0, 256, (3, 3, 3))
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_identity):
+            image = np.kron(grid, np.ones((size // 3 + 1, size // 3 + 1, 1)))[:size, :size]
+            image = np.roll(image, rng.integers(-3, 4, 2), axis=(0, 1)) * rng.uniform(0.6, 1.3)
+            image = image + rng.normal(0, 35, (size, size, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(scope="session")
+def identity_folder(tmp_path_factory) -> Path:
+    """root/train (40 identities) and root/val (15 other identities), 6 images each."""
+    root = tmp_path_factory.mktemp("identities")
+    write_identities(root / "train", [f"id{i:02d}" for i in range(40)], 6, seed=0)
+    write_identities(root / "val", [f"held{i:02d}" for i in range(15)], 6, seed=1)
+    return root

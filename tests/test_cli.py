@@ -94,18 +94,20 @@ def test_resume_from_last_continues_where_it_stopped(colour_folder, tmp_path):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_instantiates(config, colour_folder, shapes_folder, tmp_path):
+def test_every_config_instantiates(config, colour_folder, shapes_folder, identity_folder, tmp_path):
     args = ["--config", str(config)]
     if config.name in OVERLAYS:
         args = ["--config", str(REPO / "configs" / OVERLAYS[config.name]), *args]
-    segmentation = config.name.startswith("segment")
+    task = config.name.split("_")[0].removesuffix(".yaml")
+    data = {"segment": [shapes_folder], "faces": [identity_folder, "--data.pairs_file", "null"]}.get(task, [colour_folder])
     cli = create_cli(
-        [*args, "--data.root", str(shapes_folder if segmentation else colour_folder), "--model.pretrained", "false",
+        [*args, "--data.root", *map(str, data), "--model.pretrained", "false",
          "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.default_root_dir", str(tmp_path)],
         run=False,
     )
-    names = ["background", "red", "blue"] if segmentation else ["blue", "green", "red"]
-    assert cli.model.hparams.num_classes == 3 and cli.model.class_names == names
+    expected = {"segment": ["background", "red", "blue"], "faces": [f"id{i:02d}" for i in range(40)]}
+    assert cli.model.class_names == expected.get(task, ["blue", "green", "red"])
+    assert cli.model.hparams.num_classes == len(cli.model.class_names)
     assert cli.datamodule.hparams.backbone == cli.model.hparams.backbone
 
 

@@ -1,4 +1,5 @@
 from finetune.data.classification import ImageFolderDataModule
+from finetune.data.identity import IdentityFolderDataModule
 from finetune.data.segmentation import SegmentationFolderDataModule
 
-__all__ = ["ImageFolderDataModule", "SegmentationFolderDataModule"]
+__all__ = ["IdentityFolderDataModule", "ImageFolderDataModule", "SegmentationFolderDataModule"]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import data_config
-from finetune.data.folder import Sample, list_images, scan_image_folder
+from finetune.data.folder import FolderSplits, Sample, list_images, scan_image_folder
 from finetune.data.images import read_rgb
 from finetune.data.sampling import default_num_workers, seeded_index, train_sampler
 from finetune.data.transforms import eval_transform, train_transform
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """(path, label) pairs -> {"image": CHW float tensor, "label": int, "path": str}.
+    """(path, label) pairs -> {"image": CHW float tensor, "label": int, "path": str, "index": int}.
 
     Indexed by `(index, epoch)` (from EpochShuffleSampler), random augmentation is seeded by
     (seed, epoch, index): the same image gets the same crop in a resumed or a DDP run,
@@ -38,7 +38,7 @@ class ImageDataset(Dataset):
         index = seeded_index(self.transform, self.seed, key)
         path, label = self.samples[index]
         image = self.transform(image=read_rgb(path))["image"]
-        return {"image": image, "label": label, "path": path}
+        return {"image": image, "label": label, "path": path, "index": index}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -68,7 +68,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.splits = scan_image_folder(root, val_fraction, seed)
+        self.splits = self.scan_folder(root, val_fraction, seed)
         pretrained = data_config(backbone)
         self.image_size = image_size or pretrained["input_size"][-1]
         self.mean = tuple(mean or pretrained["mean"])
@@ -81,6 +81,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
             self.image_size, self.mean, self.std,
         )
+
+    def scan_folder(self, root: str, val_fraction: float, seed: int) -> FolderSplits:
+        """Classes and split (subclasses split differently, e.g. by identity)."""
+        return scan_image_folder(root, val_fraction, seed)
 
     @property
     def class_names(self) -> list[str]:

@@ -1,4 +1,5 @@
 from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.embedding import EmbeddingTask
 from finetune.tasks.segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask", "SegmentationTask"]
+__all__ = ["ClassificationTask", "EmbeddingTask", "SegmentationTask"]
