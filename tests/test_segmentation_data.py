@@ -10,12 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data.segmentation import (
-    SegmentationFolderDataModule,
-    default_palette,
-    read_mask,
-    scan_segmentation_folder,
-)
+from finetune.data.segmentation import SegmentationFolderDataModule
+from finetune.data.segmentation_classes import default_palette
+from finetune.data.segmentation_folder import read_mask, scan_segmentation_folder
 
 CLASSES = ["background", "cat", "dog"]
 H, W = 40, 56
