@@ -11,16 +11,12 @@ from PIL import Image
 
 from finetune.callbacks.media import _wandb_logger, to_uint8_images
 from finetune.data.images import read_rgb
-
-DEFAULT_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                   (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
-
+from finetune.data.segmentation_classes import default_palette
 
 def palette_for(datamodule, num_classes: int) -> list[tuple[int, int, int]]:
+    """The data's class colours (classes.yaml, else its default palette)."""
     colors = getattr(datamodule, "class_colors", None)
-    if colors:
-        return [tuple(c) for c in colors]
-    return [DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)] for i in range(num_classes)]
+    return [tuple(c) for c in colors] if colors else default_palette(num_classes)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:

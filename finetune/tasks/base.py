@@ -8,12 +8,15 @@ warmup_epochs, min_lr_ratio, finetuning.
 from __future__ import annotations
 
 import lightning as L
+import torch
 from torch import nn
 
 from finetune import finetuning as ft
 from finetune.optim import build_optimizer, build_scheduler, decay_split
 
 HEAD_STAGE = -1  # stage index of the head's optimizer groups: always trainable
+# Past this many classes per-class scalars flood the logger; W&B tables still have them.
+MAX_PER_CLASS_SCALARS = 32
 
 
 class FinetuneTask(L.LightningModule):
@@ -34,6 +37,20 @@ class FinetuneTask(L.LightningModule):
         """Trainable stages for `epoch`: a pure function of it, so identical on every rank."""
         self.trainable_stages = ft.trainable_stage_count(self.finetuning, len(self.stages), epoch)
         ft.apply(self.stages, self.trainable_stages, self.finetuning["train_bn"], self.training)
+
+    def log_per_class(self, prefix: str, values) -> None:
+        """`<prefix>/<class name>` scalars, for up to MAX_PER_CLASS_SCALARS classes."""
+        if len(self.class_names) <= MAX_PER_CLASS_SCALARS:
+            for name, value in zip(self.class_names, values):
+                self.log(f"{prefix}/{name}", value, sync_dist=True)  # equal on all ranks already
+
+    @staticmethod
+    def reset_metrics(*metrics) -> None:
+        # Reset outside inference mode: states re-created inside it are inference tensors,
+        # and the next validation under fit's no_grad could not update them in place.
+        with torch.inference_mode(False):
+            for metric in metrics:
+                metric.reset()
 
     def train(self, mode: bool = True):
         # Anyone's .train() (Lightning's, a user's) would put frozen BatchNorm back into

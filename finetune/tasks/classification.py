@@ -13,9 +13,6 @@ from finetune.heads.classification import ClassificationHead
 from finetune.optim import OptimizerName, SchedulerName
 from finetune.tasks.base import FinetuneTask
 
-# Past this many classes per-class scalars flood the logger; the confusion matrix still has them.
-MAX_PER_CLASS_SCALARS = 32
-
 
 def _summary_metrics(num_classes: int, prefix: str) -> MetricCollection:
     metrics = {
@@ -97,15 +94,9 @@ class ClassificationTask(FinetuneTask):
 
     def on_validation_epoch_end(self) -> None:
         per_class = self.val_per_class.compute()
-        if self.hparams.num_classes <= MAX_PER_CLASS_SCALARS:
-            for name, value in zip(self.class_names, per_class):
-                self.log(f"val/acc_class/{name}", value, sync_dist=True)  # equal on all ranks already
+        self.log_per_class("val/acc_class", per_class)
         self.confusion_matrix = self.val_confusion.compute().cpu()
-        # Reset outside inference mode: states re-created inside it are inference tensors,
-        # and the next validation under fit's no_grad could not update them in place.
-        with torch.inference_mode(False):
-            self.val_per_class.reset()
-            self.val_confusion.reset()
+        self.reset_metrics(self.val_per_class, self.val_confusion)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])

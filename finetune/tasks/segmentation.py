@@ -14,8 +14,6 @@ from finetune.heads.segmentation import ATROUS_RATES, DeepLabV3Head, FCNHead
 from finetune.optim import OptimizerName, SchedulerName
 from finetune.tasks.base import FinetuneTask
 
-MAX_PER_CLASS_SCALARS = 32
-
 
 class SegmentationTask(FinetuneTask):
     """DeepLabV3 as in torchvision's recipe: ASPP on the last stage, an optional FCN auxiliary
@@ -144,11 +142,8 @@ class SegmentationTask(FinetuneTask):
 
     def on_validation_epoch_end(self) -> None:
         self.per_class_iou = self.val_iou.compute().cpu()
-        if self.hparams.num_classes <= MAX_PER_CLASS_SCALARS:
-            for name, value in zip(self.class_names, self.per_class_iou):
-                self.log(f"val/iou_class/{name}", value, sync_dist=True)  # equal on all ranks already
-        with torch.inference_mode(False):  # see ClassificationTask.on_validation_epoch_end
-            self.val_iou.reset()
+        self.log_per_class("val/iou_class", self.per_class_iou)
+        self.reset_metrics(self.val_iou)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         logits = self.evaluate(batch["image"]).clamp_min(1e-8).log()
