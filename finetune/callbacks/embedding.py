@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from finetune.callbacks.media import _wandb_logger
+from finetune.callbacks.outputs import write_embeddings
 
 
 class WandbEmbeddingLogger(Callback):
@@ -56,21 +56,7 @@ class EmbeddingWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             raise RuntimeError("finetune predict for embeddings runs on one device; set --trainer.devices 1")
         out = Path(self.output_dir or Path(trainer.default_root_dir) / "embeddings")
-        out.mkdir(parents=True, exist_ok=True)
         embeddings = np.concatenate([p["embedding"].float().cpu().numpy() for p in predictions]).astype(np.float32)
         paths = [path for p in predictions for path in p["path"]]
-        np.save(out / "embeddings.npy", embeddings)
-        with (out / "embeddings.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["row", "path", "identity"])
-            writer.writerows((i, path, Path(path).parent.name) for i, path in enumerate(paths))
-        build_index(embeddings, out / "index.faiss")
+        write_embeddings(out, embeddings, paths)
         print(f"{len(paths)} embeddings and a FAISS index written to {out}")
-
-
-def build_index(embeddings: np.ndarray, path: Path) -> None:
-    import faiss
-
-    index = faiss.IndexFlatIP(embeddings.shape[1])  # exact search; embeddings are unit norm
-    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-    faiss.write_index(index, str(path))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from finetune.callbacks.outputs import csv_header, csv_rows
+
 
 class PredictionCSVWriter(BasePredictionWriter):
     """Rows are written batch by batch, so a long prediction run keeps what it has done.
@@ -33,19 +35,15 @@ class PredictionCSVWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "w", newline="")
         self._writer = csv.writer(self._file)
-        self._writer.writerow(["path", "prediction", "probability", f"top{self.top_k}"])
+        self._writer.writerow(csv_header(self.top_k))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if "probs" not in prediction:  # not a classifier (segmentation writes masks instead)
             return
         if self._file is None:  # opened on the first batch, so other tasks leave no empty CSV
             self._open(trainer)
-        names = pl_module.class_names
-        probs = prediction["probs"].float().cpu()
-        values, indices = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
-        for path, vals, idxs in zip(prediction["path"], values.tolist(), indices.tolist()):
-            top = ";".join(f"{names[i]}:{v:.4f}" for v, i in zip(vals, idxs))
-            self._writer.writerow([path, names[idxs[0]], f"{vals[0]:.4f}", top])
+        probs = prediction["probs"].float().cpu().numpy()
+        self._writer.writerows(csv_rows(prediction["path"], probs, pl_module.class_names, self.top_k))
         self._file.flush()
 
     def on_predict_end(self, trainer, pl_module):

@@ -7,21 +7,17 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import BasePredictionWriter
-from PIL import Image
 
 from finetune.callbacks.media import _wandb_logger, to_uint8_images
+from finetune.callbacks.outputs import save_mask
 from finetune.data.images import read_rgb
 from finetune.data.segmentation_classes import default_palette
+
 
 def palette_for(datamodule, num_classes: int) -> list[tuple[int, int, int]]:
     """The data's class colours (classes.yaml, else its default palette)."""
     colors = getattr(datamodule, "class_colors", None)
     return [tuple(c) for c in colors] if colors else default_palette(num_classes)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-    colours = np.asarray(palette, dtype=np.float32)[np.clip(mask, 0, len(palette) - 1)]
-    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
 
 
 class WandbMaskLogger(Callback):
@@ -71,12 +67,7 @@ class SegmentationMaskWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         out = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
-        (out / "masks").mkdir(parents=True, exist_ok=True)
-        (out / "overlays").mkdir(parents=True, exist_ok=True)
         palette = palette_for(trainer.datamodule, pl_module.hparams.num_classes)
         for i, (path, mask) in enumerate(zip(prediction["path"], prediction["mask"].cpu().numpy())):
             height, width = read_rgb(path).shape[:2] if prediction.get("size") is None else prediction["size"][i]
-            mask = mask[: int(height), : int(width)].astype(np.uint8)  # drop the stride padding
-            stem = Path(path).stem
-            Image.fromarray(mask).save(out / "masks" / f"{stem}.png")
-            Image.fromarray(overlay(read_rgb(path), mask, palette)).save(out / "overlays" / f"{stem}.png")
+            save_mask(out, path, mask[: int(height), : int(width)], palette)  # stride padding dropped

@@ -1,0 +1,109 @@
+"""`finetune export --ckpt_path CKPT --format onnx|torchscript|safetensors [--output PATH]`.
+
+Loads the checkpoint, writes the file with its metadata, then runs it on sample images (the
+training data's validation split, or --images) against PyTorch and fails above --tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from finetune.export.parity import (
+    DEFAULT_TOLERANCE,
+    check_file,
+    check_rebuilt,
+    sample_images,
+)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the whole usage; one line says enough
+        raise SystemExit(f"finetune export: {message} (see finetune export --help)")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _OneLineParser(prog="finetune export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint of `finetune fit`")
+    parser.add_argument("--format", default="onnx", help="onnx (default) | torchscript | safetensors (weights + YAML)")
+    parser.add_argument("--output", help="file to write; default: the checkpoint's path with the format's suffix")
+    parser.add_argument("--normalize_in_graph", type=_bool, default=True,
+                        help="true (default): input uint8 [N,H,W,3] RGB, normalised inside; false: normalised float [N,3,H,W]")
+    parser.add_argument("--images", help="sample images for the parity check; default: the training data's val split")
+    parser.add_argument("--parity_images", type=int, default=16, help="how many sample images (0: all)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest max abs difference accepted")
+    args = parser.parse_args(argv)
+    if args.format not in FORMATS:
+        raise SystemExit(f"finetune export: --format: unknown {args.format!r}; use onnx, torchscript or safetensors")
+    return args
+
+
+def output_path(ckpt_path: str, file_format: str, output: str | None) -> Path:
+    if not output:
+        ckpt = Path(ckpt_path)
+        return ckpt.with_name(ckpt.stem + FORMATS[file_format])
+    # Readers (and `finetune predict --exported`) tell ONNX from TorchScript by the suffix.
+    if (Path(output).suffix == ".onnx") != (file_format == "onnx") and file_format != "safetensors":
+        raise ValueError(f"--output: {output} for --format {file_format}; use a {FORMATS[file_format]} name")
+    return Path(output)
+
+
+def export(args: argparse.Namespace) -> Path:
+    from finetune.export.checkpoint import load_checkpoint
+
+    path = output_path(args.ckpt_path, args.format, args.output)
+    loaded = load_checkpoint(args.ckpt_path)
+    source = args.images or loaded.data_root
+    images = sample_images(source, args.parity_images) if source else []
+    if not images:
+        raise FileNotFoundError(f"--images: no sample images for the parity check under {source!r}; pass --images DIR")
+    if args.format == "safetensors":
+        from finetune.export.release import load_release, save_release
+
+        weights, config = save_release(loaded, path)
+        report = check_rebuilt(loaded, load_release(weights, config), images, args.tolerance)
+        written = f"{weights} + {config}"
+    else:
+        written = _export_graph(loaded, args, path)
+        report = check_file(loaded, path, images, args.tolerance)
+    meta, count = loaded.preprocessing, len(loaded.task.class_names)
+    size = "any size" if meta["input_size"] is None else f"{meta['input_size'][-1]} px"
+    labels = f"{loaded.task.hparams.embedding_dim}-d" if loaded.kind == "embedding" else f"{count} classes"
+    print(f"exported {loaded.kind} ({loaded.task.hparams.backbone}, {labels}, {size}) to {written}")
+    print(report.summary())
+    if not report.ok:
+        raise SystemExit(f"finetune export: parity check failed for {path}; the file is kept for inspection")
+    return path
+
+
+def _export_graph(loaded, args: argparse.Namespace, path: Path) -> Path:
+    from finetune.export.graph import ExportGraph
+    from finetune.export.metadata import build_metadata
+
+    prep = loaded.preprocessing
+    graph = ExportGraph(loaded.task, loaded.kind, prep["mean"], prep["std"], args.normalize_in_graph)
+    metadata = build_metadata(loaded, args.format, args.normalize_in_graph)
+    if args.format == "onnx":
+        from finetune.export.onnx import export_onnx
+
+        return export_onnx(graph, path, metadata, min_size=prep.get("min_input_size") or 16)
+    from finetune.export.torchscript import export_torchscript
+
+    return export_torchscript(graph, path, metadata)
+
+
+def main(argv: list[str]) -> None:
+    """Returns None: the console script exits with what main() returns."""
+    args = parse_args(argv)
+    try:
+        export(args)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        raise SystemExit(f"finetune export: {err}") from None
