@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from enum import Enum
+from pathlib import Path, PurePath
 
 import torch
 from torch import nn
+
+from finetune.errors import UnsafeFileError, unreadable_file_message
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors come in many types
-            raise ValueError(
-                f"model.weights: {path} could not be read as plain tensors ({type(err).__name__}); "
+            raise UnsafeFileError(
+                unreadable_file_message("model.weights", path, err)
+                or f"model.weights: {path} could not be read as plain tensors ({type(err).__name__}); "
                 "re-save it with torch.save(model.state_dict(), path) or as .safetensors"
             ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), dict) and "state_dict" in obj:
+        hp = obj["hyper_parameters"]
+        log.info(
+            "model.weights: %s is a finetune/Lightning checkpoint (%s, %s classes): its backbone is loaded, "
+            "its head is not (the new head starts from scratch); to continue that training use --ckpt_path",
+            path, hp.get("backbone", "?"), hp.get("num_classes", "?"),
+        )
     while isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors and len(tensors) >= len(obj) / 2:
@@ -112,3 +123,61 @@ def load_backbone_weights(model: nn.Module, path: str | Path, classifier: str = 
     if unexpected:
         log.warning("%d tensors in %s match nothing in the backbone: %s", len(unexpected), path, unexpected[:8])
     return report
+
+
+def plain_hyperparameters(checkpoint: dict) -> None:
+    """Hyperparameters as types `torch.load(weights_only=True)` accepts: str for paths and
+    str enums, Python numbers for numpy ones, lists for arrays. Our tasks store plain values
+    already; this keeps our checkpoints loadable without trusting pickle if one slips in."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else list(map(plain, value))
+        if isinstance(value, Enum):
+            return plain(value.value)
+        for kind in (bool, int, float, str):  # also their subclasses (numpy.float64 is a float)
+            if isinstance(value, kind):
+                return kind.__str__(value) if kind is str else kind(value)
+        if isinstance(value, PurePath):
+            return str(value)
+        if hasattr(value, "tolist"):  # numpy scalars and arrays
+            return value.tolist()
+        return value  # a tensor, None, or something torch.load(weights_only=True) will name
+
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint[key] = plain(checkpoint[key])
+
+
+def check_checkpoint_matches(hparams, checkpoint: dict, path) -> None:
+    """One-line errors, before Lightning's wall of `size mismatch` lines, when `--ckpt_path`
+    holds another backbone or another number of classes than the data and config give."""
+    saved = checkpoint.get("hyper_parameters")
+    if not isinstance(saved, dict):
+        return
+    path = path or "the checkpoint"
+    arch = {str(h.get("backbone", "")).partition(".")[0] for h in (saved, hparams)}  # tags share weights' shapes
+    if len(arch) > 1 and "backbone" in saved and "backbone" in hparams:
+        raise ValueError(
+            f"ckpt_path: {path} holds a {saved['backbone']} model, but model.backbone is {hparams['backbone']}; "
+            f"pass --model.backbone {saved['backbone']}"
+        )
+    if "num_classes" in saved and "num_classes" in hparams and saved["num_classes"] != hparams["num_classes"]:
+        raise ValueError(
+            f"ckpt_path: {path} was trained on {saved['num_classes']} classes ({_names(saved)}), but data.root "
+            f"has {hparams['num_classes']} ({_names(hparams)}); point --data.root at data with the same classes, "
+            f"or fine-tune a new head from it with --model.weights {path} (and no --ckpt_path)"
+        )
+    if saved.get("class_names") and hparams.get("class_names") and list(saved["class_names"]) != list(
+        hparams["class_names"]
+    ):
+        log.warning(
+            "ckpt_path: %s was trained on classes %s, data.root has %s: labels are matched by position",
+            path, _names(saved), _names(hparams),
+        )
+
+
+def _names(hparams, shown: int = 5) -> str:
+    names = list(hparams.get("class_names") or [])
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "") if names else "names not stored"
