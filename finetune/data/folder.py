@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,23 @@ class FolderSplits:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
+    val_names: list[str] | None = None  # identities: validation has classes of its own
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in a stable order; other files are counted and logged."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    """Image files under `folder`, recursively, in a stable order; other files are counted and logged.
+
+    Linked folders are followed (once: a link back up does not loop), hidden folders are not.
+    A broken link with an image name is listed, so that the checks report it.
+    """
+    files, seen = [], set()
+    for directory, subdirectories, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        subdirectories[:] = [] if real in seen else sorted(d for d in subdirectories if not d.startswith("."))
+        if real not in seen:
+            seen.add(real)
+            files += [Path(directory) / name for name in names]
+    files.sort()
     images = [p for p in files if is_image_file(p)]
     skipped = len(files) - len(images)
     if skipped:
@@ -69,22 +82,49 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
-def scan_image_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> FolderSplits:
-    """Read either layout: `root/<class>/*` (split here) or `root/{train,val[,test]}/<class>/*`."""
+def _screened(splits: dict[str, list[Sample]], class_names: list[str], top: Path, screen):
+    """Leave out the files `screen` rejects, and class folders with no image at all (an empty
+    folder is no class). A class whose files all fail is an error: the user meant that class."""
+    good = screen.keep([path for samples in splits.values() for path, _ in samples])
+    listed = Counter(label for _, label in splits["train"])
+    splits_before, splits = splits, {s: [(path, label) for path, label in samples if path in good] for s, samples in splits.items()}
+    readable = Counter(label for _, label in splits["train"])
+    for label, name in enumerate(class_names):
+        if listed[label] and not readable[label]:
+            path = next(path for path, lab in splits_before["train"] if lab == label)
+            why = screen.bad_files.records.get(path, ("cannot be used",))[0]
+            raise ValueError(
+                f"data.root: class {name!r} has no readable image: none of its {listed[label]} file(s) under "
+                f"{top / name} can be used (e.g. {Path(path).name}: {why}); fix them or remove the folder"
+            )
+        if not listed[label]:
+            screen.drop(top / name, "empty class folder: no images, so no class")
+    kept = [label for label in range(len(class_names)) if readable[label]]
+    new = {old: i for i, old in enumerate(kept)}
+    splits = {s: [(path, new[label]) for path, label in samples if label in new] for s, samples in splits.items()}
+    return splits, [class_names[label] for label in kept]
+
+
+def scan_image_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0, screen=None) -> FolderSplits:
+    """Read either layout: `root/<class>/*` (split here) or `root/{train,val[,test]}/<class>/*`.
+
+    `screen` (finetune.data.checks.Screening) leaves out unusable files before the split."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: {root} is not a folder; point it at root/<class>/* images")
-    if (root / "train").is_dir():
-        class_names = [p.name for p in class_folders(root / "train")]
+    top = root / "train" if (root / "train").is_dir() else root
+    class_names = [p.name for p in class_folders(top)]
+    if top != root:
         splits = {s: _samples(root / s, class_names) if (root / s).is_dir() else [] for s in SPLIT_NAMES}
-        if not splits["val"]:
-            splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, seed)
     else:
-        class_names = [p.name for p in class_folders(root)]
-        train, val = stratified_split(_samples(root, class_names), val_fraction, seed)
-        splits = {"train": train, "val": val, "test": []}
+        splits = {"train": _samples(root, class_names), "val": [], "test": []}
+    if screen is not None:
+        splits, class_names = _screened(splits, class_names, top, screen)
+    if not splits["val"]:
+        splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, seed)
     if len(class_names) < 2:
-        raise ValueError(f"data.root: {root} has {len(class_names)} class folder(s); a classifier needs at least 2")
+        kind = "class folder(s) with images" if screen is not None else "class folder(s)"
+        raise ValueError(f"data.root: {root} has {len(class_names)} {kind}; a classifier needs at least 2")
     counts = [0] * len(class_names)
     for _, label in splits["train"]:
         counts[label] += 1

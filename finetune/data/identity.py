@@ -10,6 +10,7 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 from finetune.data.classification import ImageFolderDataModule
 from finetune.data.folder import FolderSplits, Sample, class_folders, list_images
@@ -17,13 +18,19 @@ from finetune.data.folder import FolderSplits, Sample, class_folders, list_image
 log = logging.getLogger(__name__)
 
 
-def identity_samples(folder: Path) -> tuple[list[str], list[Sample]]:
+def identity_samples(folder: Path, screen=None) -> tuple[list[str], list[Sample]]:
+    """Identities (sub-folders) with images, and their images. With `screen` (the DataModule's
+    checks) unusable files are left out, and so is an identity left without any."""
+    listed = [(identity, [str(p) for p in list_images(identity)]) for identity in class_folders(folder)]
+    good = screen.keep([p for _, images in listed for p in images]) if screen is not None else None
     names, samples = [], []
-    for identity in class_folders(folder):
-        images = list_images(identity)
-        if images:
-            samples += [(str(p), len(names)) for p in images]
+    for identity, images in listed:
+        usable = images if good is None else [p for p in images if p in good]
+        if usable:
+            samples += [(p, len(names)) for p in usable]
             names.append(identity.name)
+        elif screen is not None:
+            screen.drop(identity, "identity folder with no readable image" if images else "empty identity folder")
     return names, samples
 
 
@@ -66,11 +73,12 @@ class IdentityFolderDataModule(ImageFolderDataModule):
         hflip: float = 0.5,
         pairs_file: str | None = None,
         predict_root: str | None = None,
+        on_bad_image: Literal["skip", "raise"] = "skip",
     ):
         self.val_identity_names: list[str] = []
         super().__init__(
             root, backbone, val_fraction, seed, batch_size, num_workers, image_size, mean, std, crop_pct,
-            interpolation, scale, hflip, predict_root,
+            interpolation, scale, hflip, predict_root, on_bad_image=on_bad_image,
         )
         self.pairs_path = self._pairs_path(root, pairs_file)
 
@@ -88,10 +96,10 @@ class IdentityFolderDataModule(ImageFolderDataModule):
         if not root_path.is_dir():
             raise FileNotFoundError(f"data.root: {root_path} is not a folder; point it at root/<identity>/* images")
         if (root_path / "train").is_dir() and (root_path / "val").is_dir():
-            train_names, train = identity_samples(root_path / "train")
-            self.val_identity_names, val = identity_samples(root_path / "val")
+            train_names, train = identity_samples(root_path / "train", self.screening)
+            self.val_identity_names, val = identity_samples(root_path / "val", self.screening)
         else:
-            names, samples = identity_samples(root_path)
+            names, samples = identity_samples(root_path, self.screening)
             train_names, train, self.val_identity_names, val = split_identities(names, samples, val_fraction, seed)
         if len(train_names) < 2 or len(self.val_identity_names) < 2:
             raise ValueError(
@@ -101,7 +109,7 @@ class IdentityFolderDataModule(ImageFolderDataModule):
         singles = sum(1 for n in Counter(label for _, label in train).values() if n == 1)
         if singles:
             log.info("%d training identities have a single image: they train the margin head but form no positive pair", singles)
-        return FolderSplits(train_names, train, val, [])
+        return FolderSplits(train_names, train, val, [], val_names=self.val_identity_names)
 
     def val_index_of(self) -> dict[tuple[str, int], int]:
         """(identity, 1-based image number in file order) -> row in the validation set (LFW numbering)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from finetune.data.bad_images import Problem
 from finetune.data.folder import list_images
 
 log = logging.getLogger(__name__)
@@ -20,23 +21,32 @@ _ORIENTATION = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(H, W) of an opened image as read_rgb will return it, without decoding pixels."""
+    width, height = image.size
+    # read_rgb applies the EXIF orientation; a quarter turn swaps the axes. Only look where
+    # the tag is already parsed: getexif() on a PNG without it would decode the pixels.
+    if "exif" in image.info or image.format == "TIFF":
+        if image.getexif().get(_ORIENTATION, 1) in _SWAPS_AXES:
+            width, height = height, width
+    return height, width
+
+
 def header_size(path: str | Path) -> tuple[tuple[int, int], str]:
     """((H, W) as read_rgb will return it, PIL mode) from the file header, without decoding pixels."""
     with Image.open(path) as image:
-        width, height = image.size
-        # read_rgb applies the EXIF orientation; a quarter turn swaps the axes. Only look where
-        # the tag is already parsed: getexif() on a PNG without it would decode the pixels.
-        if "exif" in image.info or image.format == "TIFF":
-            if image.getexif().get(_ORIENTATION, 1) in _SWAPS_AXES:
-                width, height = height, width
-        return (height, width), image.mode
+        return displayed_size(image), image.mode
+
+
+def mask_mode_problem(mode: str) -> str:
+    return (
+        f"mask is a {mode} image; save class indices as a single-channel ('L') or palette ('P') PNG "
+        "whose pixel values are 0..num_classes-1"
+    )
 
 
 def _mask_mode_error(path: str | Path, mode: str) -> str:
-    return (
-        f"{path}: mask is a {mode} image; save class indices as a single-channel ('L') or palette ('P') PNG "
-        "whose pixel values are 0..num_classes-1"
-    )
+    return f"{path}: {mask_mode_problem(mode)}"
 
 
 def read_mask(path: str | Path, num_classes: int, ignore_index: int) -> np.ndarray:
@@ -58,18 +68,28 @@ def read_mask(path: str | Path, num_classes: int, ignore_index: int) -> np.ndarr
     return mask
 
 
-def _pairs(folder: Path) -> list[Pair]:
-    """Every image under folder/images with its mask folder/masks/<same relative path>.png."""
+def _missing_mask(image: str, mask: str) -> str:
+    others = sorted(p.name for p in Path(mask).parent.glob(Path(mask).stem + ".*")) if Path(mask).parent.is_dir() else []
+    hint = f" (found {others[0]}: masks must be PNG, a lossy format blurs the labels)" if others else ""
+    return f"no mask; expected {mask}{hint}"
+
+
+def _pairs(folder: Path, screen=None) -> list[Pair]:
+    """Every image under folder/images with its mask folder/masks/<same relative path>.png.
+
+    With `screen` (the DataModule's checks), pairs with a missing or unusable file are left out
+    (or raised) by its policy; without, a missing mask is an error."""
     images, masks = folder / "images", folder / "masks"
     pairs, missing = [], []
     for image in list_images(images):
         mask = (masks / image.relative_to(images)).with_suffix(".png")
         (pairs if mask.is_file() else missing).append((str(image), str(mask)))
+    if screen is not None:
+        screen.bad_files.reject([Problem(image, _missing_mask(image, mask), "mask") for image, mask in missing])
+        return screen.keep_pairs(pairs)
     if missing:
         image, mask = missing[0]
-        others = sorted(p.name for p in Path(mask).parent.glob(Path(mask).stem + ".*")) if Path(mask).parent.is_dir() else []
-        hint = f" (found {others[0]}: masks must be PNG, a lossy format blurs the labels)" if others else ""
-        raise ValueError(f"data.root: no mask for {image}; expected {mask}{hint} ({len(missing)} image(s) lack a mask)")
+        raise ValueError(f"data.root: no mask for {image}; {_missing_mask(image, mask)} ({len(missing)} image(s) lack a mask)")
     return pairs
 
 
@@ -104,20 +124,24 @@ def existing_root(root: str | Path) -> Path:
     return root
 
 
-def scan_segmentation_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[Pair]]:
-    """Read either layout: `root/{images,masks}` (split here) or `root/{train,val[,test]}/{images,masks}`."""
+def scan_segmentation_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0, screen=None) -> dict[str, list[Pair]]:
+    """Read either layout: `root/{images,masks}` (split here) or `root/{train,val[,test]}/{images,masks}`.
+
+    `screen` (finetune.data.checks.Screening) leaves out unusable pairs before the split."""
     root = existing_root(root)
     if (root / "train" / "images").is_dir():
-        splits = {s: _pairs(root / s) if (root / s / "images").is_dir() else [] for s in SPLIT_NAMES}
+        splits = {s: _pairs(root / s, screen) if (root / s / "images").is_dir() else [] for s in SPLIT_NAMES}
         if not splits["val"]:
             splits["train"], splits["val"] = random_split(splits["train"], val_fraction, seed)
     elif (root / "images").is_dir():
-        train, val = random_split(_pairs(root), val_fraction, seed)
+        train, val = random_split(_pairs(root, screen), val_fraction, seed)
         splits = {"train": train, "val": val, "test": []}
     else:
         raise ValueError(f"data.root: {root} has neither images/ + masks/ nor train/images/ + train/masks/")
     if not splits["train"]:
-        raise ValueError(f"data.root: no training images under {root}")
-    for pairs in splits.values():
-        check_pairs(pairs)
+        skipped = f" ({len(screen.bad_files.records)} skipped: `finetune check-data` lists them)" if screen else ""
+        raise ValueError(f"data.root: no usable training images under {root}{skipped}")
+    if screen is None:
+        for pairs in splits.values():
+            check_pairs(pairs)
     return splits
