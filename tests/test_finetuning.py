@@ -68,7 +68,7 @@ def test_gradual_unfreezes_one_stage_per_epoch(colour_folder):
     L.seed_everything(0)
     dm, task = make(colour_folder, {"strategy": "gradual", "unfreeze_at": [1, 2, 3, 4], "train_bn": False})
     before = snapshot(task)
-    fit = trainer(2)
+    fit = trainer(2, log_every_n_steps=1)  # LRs are logged on the steps the logger writes
     fit.fit(task, dm)  # epoch 0: head only; epoch 1: + layer4
     assert changed(before, task, "backbone.layer4.")
     for frozen in ("backbone.layer3.", "backbone.layer2.", "backbone.layer1.", "backbone.conv1.", "backbone.bn1."):

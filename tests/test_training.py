@@ -42,5 +42,6 @@ def test_checkpoint_reloads_without_config_and_safely(colour_folder, tmp_path):
     raw = torch.load(tmp_path / "last.ckpt", weights_only=True)  # no pickled objects inside
     assert raw["hyper_parameters"]["class_names"] == ["blue", "green", "red"]
     reloaded = ClassificationTask.load_from_checkpoint(tmp_path / "last.ckpt", map_location="cpu").eval()
-    images = next(iter(dm.val_dataloader()))["image"]
+    # loaders ship uint8; the DataModule normalises after the transfer, as Lightning calls it
+    images = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)["image"]
     torch.testing.assert_close(reloaded(images), task.eval()(images))

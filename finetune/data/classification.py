@@ -4,44 +4,64 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import data_config
+from finetune.data.bad_images import (
+    BadFiles,
+    SkipBadImages,
+    load_or_replace,
+    read_guarded,
+)
+from finetune.data.checks import Screening, folder_report, log_report
 from finetune.data.folder import FolderSplits, Sample, list_images, scan_image_folder
-from finetune.data.images import read_rgb
-from finetune.data.sampling import default_num_workers, seeded_index, train_sampler
-from finetune.data.transforms import eval_transform, train_transform
+from finetune.data.images import Shrink, read_rgb
+from finetune.data.loader import data_loader
+from finetune.data.normalize import NormalizeOnDevice
+from finetune.data.sampling import default_num_workers, seeded_index
+from finetune.data.transforms import (
+    CropShrink,
+    ResizeShrink,
+    eval_resize,
+    eval_transform,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """(path, label) pairs -> {"image": CHW float tensor, "label": int, "path": str, "index": int}.
+    """(path, label) pairs -> {"image": CHW tensor, "label": int, "path": str, "index": int}.
 
     Indexed by `(index, epoch)` (from EpochShuffleSampler), random augmentation is seeded by
     (seed, epoch, index): the same image gets the same crop in a resumed or a DDP run,
     whatever the worker that loads it.
     """
 
-    def __init__(self, samples: list[Sample], transform, seed: int = 0):
+    def __init__(self, samples: list[Sample], transform, seed: int = 0, shrink: Shrink | None = None):
         self.samples = samples
         self.transform = transform
         self.seed = seed
+        self.shrink = shrink  # how far JPEG decoding may reduce an image (see read_rgb)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index = seeded_index(self.transform, self.seed, key)
+        # A file that fails here takes the next one's place; the batch names it (bad_images.py).
+        return load_or_replace(self._load, index, len(self.samples))
+
+    def _load(self, index: int) -> dict:
         path, label = self.samples[index]
-        image = self.transform(image=read_rgb(path))["image"]
+        image = self.transform(image=read_guarded(read_rgb, path, self.shrink))["image"]
         return {"image": image, "label": label, "path": path, "index": index}
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(NormalizeOnDevice, SkipBadImages, L.LightningDataModule):
     """Images in `root/<class>/*` or `root/{train,val[,test]}/<class>/*`.
 
     Classes are read here, at construction, so that the CLI can link `num_classes` and
@@ -65,12 +85,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         scale: tuple[float, float] = (0.25, 1.0),
         hflip: float = 0.5,
         predict_root: str | None = None,
+        on_bad_image: Literal["skip", "raise"] = "skip",
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.splits = self.scan_folder(root, val_fraction, seed)
         pretrained = data_config(backbone)
         self.image_size = image_size or pretrained["input_size"][-1]
+        # Unusable files are found (and skipped or raised) before the split: finetune.data.checks.
+        self.bad_files = BadFiles(on_bad_image)
+        self.screening = Screening(self.bad_files, min_side=self.image_size)
+        self.splits = self.scan_folder(root, val_fraction, seed)
+        self.report = folder_report(root, type(self).__name__, self.splits, self.screening)
         self.mean = tuple(mean or pretrained["mean"])
         self.std = tuple(std or pretrained["std"])
         self.crop_pct = crop_pct or pretrained["crop_pct"]
@@ -81,10 +106,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
             self.image_size, self.mean, self.std,
         )
+        log_report(self.report)
 
     def scan_folder(self, root: str, val_fraction: float, seed: int) -> FolderSplits:
-        """Classes and split (subclasses split differently, e.g. by identity)."""
-        return scan_image_folder(root, val_fraction, seed)
+        """Classes and split (subclasses split differently, e.g. by identity); `self.screening` checks the files."""
+        return scan_image_folder(root, val_fraction, seed, self.screening)
 
     @property
     def class_names(self) -> list[str]:
@@ -95,22 +121,22 @@ class ImageFolderDataModule(L.LightningDataModule):
         return len(self.splits.class_names)
 
     def train_transform(self):
-        return train_transform(self.image_size, self.mean, self.std, self.hparams.scale, self.hparams.hflip, self.interpolation)
+        return train_transform(
+            self.image_size, self.mean, self.std, self.hparams.scale, self.hparams.hflip, self.interpolation, normalize=False
+        )
 
     def eval_transform(self):
-        return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+        return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation, normalize=False)
+
+    def train_shrink(self) -> Shrink:
+        return CropShrink(self.image_size, self.hparams.scale[0])
+
+    def eval_shrink(self) -> Shrink:
+        return ResizeShrink(eval_resize(self.image_size, self.crop_pct))
 
     def _loader(self, samples: list[Sample], transform, shuffle: bool) -> DataLoader:
-        dataset = ImageDataset(samples, transform, self.hparams.seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=train_sampler(self, dataset) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=shuffle and len(samples) > self.hparams.batch_size,
-        )
+        dataset = ImageDataset(samples, transform, self.hparams.seed, self.train_shrink() if shuffle else self.eval_shrink())
+        return data_loader(self, dataset, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits.train, self.train_transform(), shuffle=True)

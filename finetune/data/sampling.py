@@ -7,19 +7,42 @@ batch N*B, whatever worker loads an image.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import numpy as np
 from torch.utils.data import DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 class EpochShuffleSampler(DistributedSampler):
     """DistributedSampler (order = f(seed, epoch), for any number of ranks) that hands the
     epoch to the dataset with each index: `(index, epoch)`. Lightning calls set_epoch() on it
-    and leaves a DistributedSampler it is given in place."""
+    and leaves a DistributedSampler it is given in place.
+
+    `resume_at(epoch, skip)`: a run resumed from a checkpoint taken `skip` samples (per rank)
+    into `epoch` starts that epoch where the checkpoint left it. Lightning 2.6 restores its
+    batch counter but restarts a plain DataLoader's order from the top.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_epoch, self.resume_skip = -1, 0
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        # set_epoch now, not only when Lightning calls it: with workers, the first epoch's
+        # iterator (and its order) is created before Lightning sets the epoch.
+        self.set_epoch(epoch)
+        self.resume_epoch, self.resume_skip = epoch, skip
 
     def __iter__(self):
-        return ((index, self.epoch) for index in super().__iter__())
+        epoch = self.epoch
+        indices = list(super().__iter__())
+        if epoch == self.resume_epoch:
+            indices = indices[self.resume_skip:]
+        return iter([(index, epoch) for index in indices])
 
 
 def seeded_index(transform, seed: int, key: int | tuple[int, int]) -> int:
@@ -39,4 +62,15 @@ def default_num_workers() -> int:
 def train_sampler(datamodule, dataset) -> EpochShuffleSampler:
     trainer = datamodule.trainer
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    return EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=datamodule.hparams.seed)
+    sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=datamodule.hparams.seed)
+    # Imported here: finetune.callbacks imports finetune.data.
+    from finetune.callbacks.interruption import resume_position
+
+    position = resume_position(trainer) if trainer is not None else None
+    if position is not None:
+        epoch, batches = position
+        sampler.resume_at(epoch, batches * datamodule.hparams.batch_size)
+        if batches:
+            log.info("Resuming epoch %d after its first %d batches: they are skipped, not repeated", epoch, batches)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+    return sampler

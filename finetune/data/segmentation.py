@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import albumentations as A
 import cv2
@@ -14,11 +15,25 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import data_config
+from finetune.data.bad_images import (
+    BadFiles,
+    SkipBadImages,
+    load_or_replace,
+    read_guarded,
+)
+from finetune.data.checks import Screening, log_report, segmentation_report
 from finetune.data.folder import list_images
 from finetune.data.images import read_rgb
-from finetune.data.sampling import default_num_workers, seeded_index, train_sampler
+from finetune.data.loader import data_loader
+from finetune.data.normalize import NormalizeOnDevice
+from finetune.data.sampling import default_num_workers, seeded_index
 from finetune.data.segmentation_classes import read_class_list
-from finetune.data.segmentation_folder import Pair, existing_root, read_mask, scan_segmentation_folder
+from finetune.data.segmentation_folder import (
+    Pair,
+    existing_root,
+    read_mask,
+    scan_segmentation_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +47,7 @@ def seg_train_transform(
     hflip: float = 0.5,
     color_jitter: float = 0.2,
     ignore_index: int = 255,
+    normalize: bool = True,
 ) -> A.Compose:
     # Colour first, on the image as loaded: jitter after padding would tint the padding too.
     # No hue shift: in many data sets colour is what tells the classes apart.
@@ -53,16 +69,21 @@ def seg_train_transform(
         A.RandomCrop(crop_size, crop_size),
         A.HorizontalFlip(p=hflip),
     ]
-    return A.Compose([*steps, A.Normalize(mean=mean, std=std), ToTensorV2()])
+    return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToTensorV2()])
 
 
-def seg_eval_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> A.Compose:
+def seg_eval_transform(mean: tuple[float, ...], std: tuple[float, ...], normalize: bool = True) -> A.Compose:
     """Full resolution: metrics are computed on the labels as drawn; batches are padded in collate."""
-    return A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()])
+    return A.Compose([*([A.Normalize(mean=mean, std=std)] if normalize else []), ToTensorV2()])
+
+
+def mean_colour(mean: tuple[float, ...]) -> tuple[int, ...]:
+    """The uint8 pixel that normalises to (about) 0: padding that adds no signal."""
+    return tuple(round(255.0 * m) for m in mean)
 
 
 class SegmentationDataset(Dataset):
-    """(image, mask) pairs -> {"image": CHW float tensor, "mask": HW long tensor, "path": str}.
+    """(image, mask) pairs -> {"image": CHW uint8 tensor, "mask": HW long tensor, "path": str}.
 
     Indexed by `(index, epoch)` (from EpochShuffleSampler) like the classification ImageDataset,
     so the same image gets the same crop in a resumed or a DDP run, whatever the worker.
@@ -80,9 +101,13 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index = seeded_index(self.transform, self.seed, key)
+        # A pair that fails here takes the next one's place; the batch names it (bad_images.py).
+        return load_or_replace(self._load, index, len(self.pairs))
+
+    def _load(self, index: int) -> dict:
         image_path, mask_path = self.pairs[index]
-        mask = read_mask(mask_path, self.num_classes, self.ignore_index)
-        out = self.transform(image=read_rgb(image_path), mask=mask)
+        mask = read_guarded(read_mask, mask_path, self.num_classes, self.ignore_index)
+        out = self.transform(image=read_guarded(read_rgb, image_path), mask=mask)
         return {"image": out["image"], "mask": out["mask"].long(), "path": image_path}
 
 
@@ -97,7 +122,10 @@ class PredictImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        image = read_rgb(self.paths[index])
+        return load_or_replace(self._load, index, len(self.paths))
+
+    def _load(self, index: int) -> dict:
+        image = read_guarded(read_rgb, self.paths[index])
         return {"image": self.transform(image=image)["image"], "path": self.paths[index], "size": tuple(image.shape[:2])}
 
 
@@ -105,18 +133,21 @@ class PadCollate:
     """Stack items of any size: pad bottom/right to the batch's max H, W rounded up to `multiple`.
 
     Rounding up lets the network's total stride divide the input; the mask padding is
-    `ignore_index`, so padded pixels count in neither the loss nor the metrics. A class (not a
-    lambda) so that it pickles into spawned workers.
+    `ignore_index`, so padded pixels count in neither the loss nor the metrics, and the image
+    padding is `fill` (the mean colour for uint8 images). A class (not a lambda) so that it
+    pickles into spawned workers.
     """
 
-    def __init__(self, multiple: int, ignore_index: int):
+    def __init__(self, multiple: int, ignore_index: int, fill: tuple[float, ...] = (0.0, 0.0, 0.0)):
         self.multiple = multiple
         self.ignore_index = ignore_index
+        self.fill = fill
 
     def __call__(self, items: list[dict]) -> dict:
         height = math.ceil(max(it["image"].shape[-2] for it in items) / self.multiple) * self.multiple
         width = math.ceil(max(it["image"].shape[-1] for it in items) / self.multiple) * self.multiple
-        images = items[0]["image"].new_zeros((len(items), items[0]["image"].shape[0], height, width))
+        first = items[0]["image"]
+        images = torch.tensor(self.fill, dtype=first.dtype).view(1, -1, 1, 1).repeat(len(items), 1, height, width)
         for i, it in enumerate(items):
             images[i, :, : it["image"].shape[-2], : it["image"].shape[-1]] = it["image"]
         batch = {"image": images, "path": [it["path"] for it in items]}
@@ -127,18 +158,25 @@ class PadCollate:
             batch["mask"] = masks
         if "size" in items[0]:
             batch["size"] = [it["size"] for it in items]
+        if "skipped" in items[0]:  # files the workers could not read (bad_images.py)
+            batch["skipped"] = [it["skipped"] for it in items]
         return batch
 
 
 # --- DataModule ------------------------------------------------------------------------------
 
-class SegmentationFolderDataModule(L.LightningDataModule):
+# DeepLabV3's default output stride: a smaller image gives 1x1 features (reported, not skipped).
+SMALLEST_SIDE = 16
+
+
+class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, L.LightningDataModule):
     """Images + class-index PNG masks in `root/{images,masks}` or `root/{train,val[,test]}/{images,masks}`.
 
     Masks match images by relative path and stem (`images/a/x.jpg` -> `masks/a/x.png`). Classes
     come from `class_names`, `root/classes.yaml` or `root/classes.txt`, read here with every
-    file header, so the CLI can link `num_classes` into the model and a bad file fails before
-    training starts. `mean` and `std` default to the pretrained config of `backbone`.
+    file header, so the CLI can link `num_classes` into the model and a bad file is skipped (or,
+    with `on_bad_image: raise`, fails) before training starts. `mean` and `std` default to the
+    pretrained config of `backbone`.
     """
 
     def __init__(
@@ -159,6 +197,7 @@ class SegmentationFolderDataModule(L.LightningDataModule):
         std: tuple[float, float, float] | None = None,
         pad_multiple: int = 32,
         predict_root: str | None = None,
+        on_bad_image: Literal["skip", "raise"] = "skip",
     ):
         super().__init__()
         # Lightning merges model and data hparams for the logger and refuses differing values: the
@@ -167,7 +206,10 @@ class SegmentationFolderDataModule(L.LightningDataModule):
         # Class list and settings first: a config mistake should not wait for a scan of every file.
         self._class_names, self._class_colors = read_class_list(existing_root(root), class_names)
         self._check_settings()
-        self.splits = scan_segmentation_folder(root, val_fraction, seed)
+        self.bad_files = BadFiles(on_bad_image)
+        self.screening = Screening(self.bad_files, SMALLEST_SIDE, mask_labels=(self.num_classes, ignore_index))
+        self.splits = scan_segmentation_folder(root, val_fraction, seed, self.screening)
+        self.report = segmentation_report(root, type(self).__name__, self.splits, self.class_names, self.screening)
         pretrained = data_config(backbone)
         self.mean = tuple(mean or pretrained["mean"])
         self.std = tuple(std or pretrained["std"])
@@ -177,6 +219,7 @@ class SegmentationFolderDataModule(L.LightningDataModule):
             root, self.num_classes, len(self.splits["train"]), len(self.splits["val"]), len(self.splits["test"]),
             crop_size, self.mean, self.std,
         )
+        log_report(self.report)
 
     def _check_settings(self) -> None:
         hp = self.hparams
@@ -208,22 +251,15 @@ class SegmentationFolderDataModule(L.LightningDataModule):
 
     def train_transform(self) -> A.Compose:
         hp = self.hparams
-        return seg_train_transform(hp.crop_size, self.mean, self.std, hp.scale, hp.hflip, hp.color_jitter, hp.ignore_index)
+        return seg_train_transform(
+            hp.crop_size, self.mean, self.std, hp.scale, hp.hflip, hp.color_jitter, hp.ignore_index, normalize=False
+        )
 
     def eval_transform(self) -> A.Compose:
-        return seg_eval_transform(self.mean, self.std)
+        return seg_eval_transform(self.mean, self.std, normalize=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=train_sampler(self, dataset) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=shuffle and len(dataset) > self.hparams.batch_size,
-            collate_fn=PadCollate(self.hparams.pad_multiple, self.ignore_index),
-        )
+        return data_loader(self, dataset, shuffle, PadCollate(self.hparams.pad_multiple, self.ignore_index, mean_colour(self.mean)))
 
     def _dataset(self, split: str, transform) -> SegmentationDataset:
         return SegmentationDataset(self.splits[split], transform, self.num_classes, self.ignore_index, self.hparams.seed)

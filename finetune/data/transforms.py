@@ -1,14 +1,58 @@
-"""albumentations pipelines whose size and normalisation default to the backbone's own."""
+"""albumentations pipelines whose size and normalisation default to the backbone's own.
+
+The DataModules ask for `normalize=False`: workers then ship uint8 tensors (a quarter of
+float32's bytes, which is what limits a DataLoader feeding a GPU) and the DataModule
+normalises whole batches on the device (`finetune.data.normalize`). Either way the model gets
+the same values.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+# RandomResizedCrop's aspect-ratio range (albumentations' and torchvision's default).
+CROP_RATIO = (3 / 4, 4 / 3)
+DECODE_FACTORS = (8, 4, 2)
+
+
+def _finish(steps: list, mean, std, normalize: bool) -> A.Compose:
+    return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToTensorV2()])
+
+
+def _largest_factor(covers) -> int:
+    return next((f for f in DECODE_FACTORS if covers(f)), 1)
+
+
+@dataclass(frozen=True)
+class CropShrink:
+    """Decode reduction for RandomResizedCrop(size, scale): the smallest crop it can take
+    (area scale[0], the narrowest allowed aspect) must still be >= `size` pixels on each side
+    after shrinking, so no crop is ever upsampled where the full image would not have been.
+    RandomResizedCrop draws scale and aspect relative to the image, so its crops of the
+    shrunk image are those of the full one, scaled."""
+
+    size: int
+    min_scale: float
+
+    def __call__(self, width: int, height: int) -> int:
+        side = math.sqrt(self.min_scale * width * height * CROP_RATIO[0])
+        return _largest_factor(lambda f: min(side, width, height) / f >= self.size)
+
+
+@dataclass(frozen=True)
+class ResizeShrink:
+    """Decode reduction for resizing the short side to `short_side`."""
+
+    short_side: int
+
+    def __call__(self, width: int, height: int) -> int:
+        return _largest_factor(lambda f: min(width, height) / f >= self.short_side)
 
 
 def train_transform(
@@ -18,13 +62,12 @@ def train_transform(
     scale: tuple[float, float] = (0.25, 1.0),
     hflip: float = 0.5,
     interpolation: str = "bilinear",
+    normalize: bool = True,
 ) -> A.Compose:
-    return A.Compose([
-        A.RandomResizedCrop(size=(size, size), scale=tuple(scale), interpolation=_INTERPOLATION[interpolation]),
+    return _finish([
+        A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=CROP_RATIO, interpolation=_INTERPOLATION[interpolation]),
         A.HorizontalFlip(p=hflip),
-        A.Normalize(mean=mean, std=std),
-        ToTensorV2(),
-    ])
+    ], mean, std, normalize)
 
 
 def eval_transform(
@@ -33,11 +76,14 @@ def eval_transform(
     std: tuple[float, ...],
     crop_pct: float = 0.875,
     interpolation: str = "bilinear",
+    normalize: bool = True,
 ) -> A.Compose:
     # timm's eval recipe: resize the short side to size / crop_pct, then centre-crop.
-    return A.Compose([
-        A.SmallestMaxSize(max_size=math.floor(size / crop_pct), interpolation=_INTERPOLATION[interpolation]),
+    return _finish([
+        A.SmallestMaxSize(max_size=eval_resize(size, crop_pct), interpolation=_INTERPOLATION[interpolation]),
         A.CenterCrop(height=size, width=size),
-        A.Normalize(mean=mean, std=std),
-        ToTensorV2(),
-    ])
+    ], mean, std, normalize)
+
+
+def eval_resize(size: int, crop_pct: float) -> int:
+    return math.floor(size / crop_pct)

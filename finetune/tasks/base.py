@@ -13,6 +13,7 @@ from torch import nn
 
 from finetune import finetuning as ft
 from finetune.optim import build_optimizer, build_scheduler, decay_split
+from finetune.weights import check_checkpoint_matches, plain_hyperparameters
 
 HEAD_STAGE = -1  # stage index of the head's optimizer groups: always trainable
 # Past this many classes per-class scalars flood the logger; W&B tables still have them.
@@ -65,6 +66,13 @@ class FinetuneTask(L.LightningModule):
         # will all-reduce. Stages unfrozen later are averaged by on_before_optimizer_step.
         self._ddp_managed = {id(p) for p in self.parameters() if p.requires_grad}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        plain_hyperparameters(checkpoint)  # loadable with torch.load(weights_only=True)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Another backbone or class count: one line, before load_state_dict's size-mismatch wall.
+        check_checkpoint_matches(self.hparams, checkpoint, self._trainer.ckpt_path if self._trainer else None)
+
     def on_train_epoch_start(self) -> None:
         self.apply_finetuning(self.current_epoch)
         self.log("train/trainable_params", float(ft.count_trainable(self)), on_step=False, on_epoch=True)
@@ -77,7 +85,10 @@ class FinetuneTask(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Logged here rather than by LearningRateMonitor, which refuses to run without a
-        # logger (`--trainer.logger false`). A frozen group's effective LR is 0.
+        # logger (`--trainer.logger false`). A frozen group's effective LR is 0. Only on the
+        # steps the logger writes: a dozen self.log calls each step cost more than a tiny step.
+        if not self.trainer._logger_connector.should_update_logs:
+            return
         for group in self.optimizers().optimizer.param_groups:
             frozen = group["stage"] != HEAD_STAGE and group["stage"] >= self.trainable_stages
             self.log(f"lr/{group['name']}", 0.0 if frozen else group["lr"], on_step=True, on_epoch=False)

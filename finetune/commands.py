@@ -1,0 +1,42 @@
+"""`finetune <command>`: the entry point. Commands that need no Trainer (search, export,
+predict from an exported file) are dispatched before Lightning is imported, so they start in
+a fraction of the time and run where Lightning is not installed."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def _exported(args: list[str]) -> bool:
+    return any(a == "--exported" or a.startswith("--exported=") for a in args)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:]
+    command = args[:1]
+    if command == ["search"]:  # nearest neighbours from saved embeddings
+        from finetune.search import main as search_main
+
+        return search_main(args[1:])
+    if command == ["export"]:  # ONNX / TorchScript / safetensors from a checkpoint
+        from finetune.export.command import main as export_main
+
+        return export_main(args[1:])
+    if command == ["predict"] and _exported(args):  # an exported .onnx / TorchScript file
+        from finetune.predict_exported import main as run_exported
+
+        return run_exported(args[1:])
+    if command == ["check-data"]:  # fit's config, the DataModule alone: report, exit 1 if unusable
+        from finetune.check_data import main as check_data_main
+
+        sys.argv[1:] = args[1:]  # not also as `args=`: LightningCLI warns when it gets both
+        sys.exit(check_data_main())
+    from finetune.cli import run
+
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Run-time speed settings: channels_last, torch.compile, and Lightning's batch-size finder.
+
+They are CLI-level options (`--channels_last`, `--compile`, `--batch_size_find`), not model
+hyperparameters: a checkpoint trained with them loads and runs without them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lightning.pytorch.tuner import Tuner
+
+log = logging.getLogger(__name__)
+
+
+def apply_speed_settings(model, channels_last: bool = False, compile: bool = False) -> None:
+    if channels_last:
+        # NHWC is what tensor cores read. Inputs are converted as they enter the backbone (a
+        # hook, not on_after_batch_transfer: Lightning runs only the DataModule's if both
+        # define it), so no conv pays a layout change.
+        model.to(memory_format=torch.channels_last)
+        model.backbone.register_forward_pre_hook(_channels_last_input)
+    if compile:
+        # Module.compile() compiles in place: parameter names, and so checkpoints, stay the
+        # same, unlike torch.compile(module), which wraps it in `_orig_mod`. The backbone is
+        # where the time goes, in every task.
+        model.backbone.compile()
+        log.info("compiled the backbone with torch.compile (the first steps include compilation)")
+
+
+def _channels_last_input(module, args):
+    images, *rest = args
+    return (images.contiguous(memory_format=torch.channels_last), *rest) if images.dim() == 4 else None
+
+
+def run_batch_size_find(trainer, model, datamodule, max_trials: int) -> int:
+    """Lightning's power-of-two search from the configured batch size, kept for the fit.
+
+    `max_trials` (sizes tried, the first included) bounds it: on a CPU nothing runs out of memory, so without a bound it would
+    double until the host does.
+    """
+    start = datamodule.hparams.batch_size
+    found = Tuner(trainer).scale_batch_size(
+        model, datamodule=datamodule, mode="power", init_val=start, max_trials=max_trials, batch_arg_name="batch_size",
+    )
+    print(f"batch size: {found} (tried up to {max_trials} sizes from {start}, doubling); training with it")
+    return found

@@ -1,0 +1,124 @@
+"""GPU speed settings, exercised on CPU: torch.compile, channels_last, the batch-size finder,
+and no per-step host syncs in our LightningModules."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from finetune.cli import create_cli
+from finetune.data.classification import ImageFolderDataModule
+from finetune.speed import apply_speed_settings
+from finetune.tasks.classification import ClassificationTask
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(colour_folder, **task_kwargs):
+    dm = ImageFolderDataModule(str(colour_folder), backbone="resnet18", image_size=24, batch_size=16, num_workers=0)
+    task = ClassificationTask(
+        num_classes=dm.num_classes, class_names=dm.class_names, backbone="resnet18", pretrained=False, lr=3e-3,
+        **task_kwargs,
+    )
+    return dm, task
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_compiled_model_trains_and_keeps_its_parameter_names(colour_folder, tmp_path, monkeypatch):
+    import torch._dynamo
+
+    import finetune.tasks.classification as classification
+    from finetune.backbones import create_backbone
+
+    # timm's resnet18 layout at toy width (1 block per stage): compiling it takes seconds, not minutes.
+    monkeypatch.setattr(
+        classification, "create_backbone", partial(create_backbone, layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8),
+    )
+    torch._dynamo.reset()
+    L.seed_everything(0)
+    dm, task = tiny(colour_folder)
+    dm.hparams.batch_size = 24  # one train and one val batch shape: two compilations, not four
+    names = list(task.state_dict())
+    apply_speed_settings(task, compile=True)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    fit = trainer(tmp_path, max_epochs=6)
+    fit.fit(task, dm)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames, "the backbone never ran compiled"
+    assert fit.callback_metrics["val/acc"] >= 0.9  # chance is 0.33
+    assert list(task.state_dict()) == names  # checkpoints stay loadable without compile
+
+
+def test_channels_last_weights_and_inputs_give_the_same_outputs(colour_folder, tmp_path):
+    L.seed_everything(0)
+    dm, task = tiny(colour_folder)
+    dm.setup("fit")
+    images = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)["image"]
+    reference = task.eval()(images)
+    apply_speed_settings(task, channels_last=True)
+    conv = task.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    torch.testing.assert_close(task(images.contiguous(memory_format=torch.channels_last)), reference, atol=1e-4, rtol=1e-4)
+    layouts = []  # what the first conv receives during training
+    task.backbone.conv1.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(task.train(), dm)
+    assert layouts and all(layouts)
+
+
+def test_batch_size_finder_doubles_from_the_configured_size(colour_folder, tmp_path, capsys):
+    cli = create_cli([
+        "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
+        "--data.root", str(colour_folder), "--data.image_size", "24", "--data.batch_size", "4",
+        "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+        "--batch_size_find", "true", "--batch_size_find_trials", "3",  # 4, 8, 16
+    ])
+    assert "batch size: 16 (tried up to 3 sizes from 4" in capsys.readouterr().out
+    assert cli.datamodule.hparams.batch_size == 16
+    assert cli.trainer.train_dataloader.batch_size == 16  # the fit itself used it
+    assert cli.trainer.current_epoch == 1  # and then trained
+
+
+def test_training_steps_make_no_host_syncs(colour_folder, tmp_path):
+    """Our tasks' per-step code never reads a tensor back to the host (`.item()`, `float(t)`,
+    `.tolist()`): on a GPU each such read stalls the queue. Metrics update on the device and
+    compute at epoch end."""
+    syncs: list[str] = []
+    package = str(REPO / "finetune")
+
+    def recording(original):
+        def read(self, *args, **kwargs):
+            import traceback
+
+            for frame in traceback.extract_stack()[:-1]:
+                if frame.filename.startswith(package):
+                    syncs.append(f"{Path(frame.filename).name}:{frame.lineno} {frame.line}")
+            return original(self, *args, **kwargs)
+        return read
+
+    patches = pytest.MonkeyPatch()
+
+    class DuringSteps(Callback):
+        def on_train_batch_start(self, *args):
+            for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+                patches.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name)))
+
+        def on_train_batch_end(self, *args):
+            patches.undo()
+
+    dm, task = tiny(colour_folder)
+    trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[DuringSteps()]).fit(task, dm)
+    assert not syncs, "host syncs in training steps:\n" + "\n".join(sorted(set(syncs)))
