@@ -97,3 +97,35 @@ def test_same_draws_give_nearly_the_same_pixels(photos):
     assert difference.mean() < 0.08, difference.mean()  # normalised units: 0.08 is about 5 of 255
     other = (fast["image"] - reference["image"].roll(1, dims=0)).abs().mean()
     assert other > 4 * difference.mean()  # whereas a different draw differs by far more
+
+
+def test_jpeg_header_reads_size_and_components_like_pil(tmp_path):
+    from finetune.data.images import jpeg_header
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6  # a big APP1 segment before the frame header
+    cases = {
+        "baseline.jpg": (image, {"exif": exif.tobytes()}),
+        "progressive.jpg": (image, {"progressive": True}),
+        "grey.jpg": (image.convert("L"), {}),
+        "cmyk.jpg": (image.convert("CMYK"), {}),
+    }
+    for name, (picture, options) in cases.items():
+        picture.save(tmp_path / name, quality=90, **options)
+        with Image.open(tmp_path / name) as opened:
+            expected = (*opened.size, len(opened.getbands()))
+        assert jpeg_header((tmp_path / name).read_bytes()) == expected, name
+    image.save(tmp_path / "x.png")
+    assert jpeg_header((tmp_path / "x.png").read_bytes()) is None
+    # EXIF orientation 6 (a quarter turn) is applied on the OpenCV path too
+    assert read_rgb(tmp_path / "baseline.jpg").shape == (53, 37, 3)
+
+
+def test_a_jpeg_claiming_enormous_dimensions_is_refused_before_decoding(tmp_path):
+    data = bytearray((Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg") or (tmp_path / "a.jpg").read_bytes()))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")  # 3.6 gigapixels
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data))
+    with pytest.raises(Image.DecompressionBombError, match="bomb.jpg"):
+        read_rgb(tmp_path / "bomb.jpg")
