@@ -2,33 +2,43 @@
 
     python data/make_faces_sample.py    # defaults: --seed 0 --fonts /usr/share/fonts/truetype/dejavu
     python data/make_faces_sample.py --out /tmp/faces --train-ids 100 --val-ids 30
+    python data/make_faces_sample.py --out /tmp/faces-hard --hard --train-images 8   # the original, harder set
 
 No face data set can be installed offline, so each "identity" here is one character (a glyph),
-and each "photo" of it is the glyph rendered in a random DejaVu font and style, size, rotation,
-shear/perspective, position, colours, background, blur and occluder. Images of one identity
-differ a lot (nearest neighbour on raw pixels does poorly) while the identity stays learnable, so
-an embedding trained with a margin head (ArcFace, CosFace) has something to learn. Validation
-identities are held out from training (open-set verification, as on LFW).
+and each "photo" of it is the glyph rendered in a random font, size, rotation, shear/perspective,
+position, colours, background, blur and occluder. Images of one identity differ enough that
+nearest neighbour on raw pixels does poorly, while a CNN learns the identity from random init
+within the CPU quickstart, so an embedding trained with a margin head (ArcFace, CosFace) has
+something to learn. Validation identities are held out from training (open-set verification,
+as on LFW).
+
+How much images vary is set by the options of the "variation" group (see `Variation`). The
+defaults are the quickstart set: 4 upright DejaVu fonts, dark glyphs on lighter backgrounds,
+solid glyphs, mild rotation and shear. `--hard` gives the original set: all 21 DejaVu text
+fonts, either polarity, outline and shadow styles, more rotation, shear, occluders and blur
+(with `--train-images 8` it reproduces that set byte for byte); single options override either.
 
 Output layout (see data/FACES_SAMPLE.md):
 
     faces-sample/
-      train/<identity>/<identity>_0001.png ...   # training identities, 8 images each
-      val/<identity>/<identity>_0001.png ...     # different, held-out identities, 6 images each
+      train/<identity>/<identity>_0001.png ...   # training identities, --train-images each
+      val/<identity>/<identity>_0001.png ...     # different, held-out identities, --val-images each
       val_pairs.txt                              # LFW pairs.txt format over the val identities
 
 Images are 64x64 8-bit RGB PNG. Three training identities get a single image (a code path that
-real face sets have). The output is deterministic for a given --seed, font folder and
-Pillow/FreeType version. Needs only numpy and Pillow.
+real face sets have). The output is deterministic for a given --seed, variation options, font
+folder and Pillow/FreeType version. Needs only numpy and Pillow.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import sys
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +71,36 @@ CHARACTERS = (
     "էըջ"  # Armenian small letters whose capitals look like other identities
 )
 
-STYLES = ("solid", "solid", "solid", "solid", "outline", "shadow")  # random choice, solid most often
 SS = 4  # supersampling factor for the glyph layer
 QUANT = 8  # pixel values are rounded to multiples of this (keeps the PNGs small)
+
+
+@dataclass(frozen=True)
+class Variation:
+    """How much two images of one identity differ. The defaults make the quickstart set
+    (learnable from random init in a few CPU minutes); HARD is the original, much harder set."""
+
+    fonts: tuple[str, ...] = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSerif", "DejaVuSerif-Bold")  # file stems; () = all
+    styles: tuple[str, ...] = ("solid",)  # drawn uniformly (repeat one to weight it): solid, outline, shadow
+    polarity: str = "dark"  # glyph darker than the background ("dark"), lighter ("light"), or either ("both")
+    rotation: float = 10.0  # degrees, +-
+    shear: tuple[float, float] = (0.1, 0.05)  # horizontal, vertical, +-
+    stretch: float = 0.15  # aspect x e^+-stretch
+    tilt: float = 0.2  # perspective, +-
+    fill: tuple[float, float] = (0.45, 0.85)  # the glyph's longer side, fraction of the frame
+    shift: float = 0.12  # offset, fraction of the frame, +- (size and position: cheap for a CNN, hard for pixels)
+    noise: float = 14.0  # low-frequency background noise amplitude, up to
+    grain: float = 0.0  # probability of fine grain (sigma 2-4)
+    occluder: float = 0.1  # probability of a line or blob across the image
+    blur: float = 0.15  # probability of Gaussian blur (sigma 0.4-1.0)
+    lowres: float = 0.05  # probability of down- and up-sampling through 1/3-1/2 of the size
+
+
+HARD = Variation(
+    fonts=(), styles=("solid", "solid", "solid", "solid", "outline", "shadow"), polarity="both", rotation=20.0,
+    shear=(0.25, 0.1), stretch=0.25, tilt=0.35, fill=(0.5, 0.85), shift=0.09, grain=0.2, occluder=0.25, blur=0.25,
+    lowres=0.1,
+)
 
 
 def identity_name(ch: str) -> str:
@@ -114,15 +151,18 @@ def random_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array([r, g, b]) * 255
 
 
-def colour_scheme(rng: np.random.Generator, min_contrast: float = 75.0):
+def colour_scheme(rng: np.random.Generator, polarity: str = "both", min_contrast: float = 75.0):
     """Two background colours and one or two foreground colours, every fg/bg pair at least
-    `min_contrast` apart in luminance (0-255), so the glyph stays legible everywhere."""
+    `min_contrast` apart in luminance (0-255), so the glyph stays legible everywhere.
+    `polarity`: "dark" (glyph darker than the background), "light" (lighter) or "both"."""
+    sign = {"dark": -1.0, "light": 1.0, "both": None}[polarity]
     while True:
         bg1 = random_colour(rng)
         bg2 = np.clip(bg1 + rng.normal(0, 45, 3), 0, 255) if rng.random() < 0.7 else bg1
         fg1 = random_colour(rng)
         fg2 = np.clip(fg1 + rng.normal(0, 40, 3), 0, 255) if rng.random() < 0.25 else fg1
-        if all(abs(luminance(f) - luminance(b)) >= min_contrast for f in (fg1, fg2) for b in (bg1, bg2)):
+        gaps = [luminance(f) - luminance(b) for f in (fg1, fg2) for b in (bg1, bg2)]
+        if all((abs(g) if sign is None else sign * g) >= min_contrast for g in gaps):
             return bg1, bg2, fg1, fg2
 
 
@@ -147,10 +187,10 @@ def smooth_noise(rng: np.random.Generator, size: int, amplitude: float) -> np.nd
     return np.stack(chans, axis=-1) * amplitude
 
 
-def background(rng: np.random.Generator, size: int, bg1: np.ndarray, bg2: np.ndarray) -> np.ndarray:
+def background(rng: np.random.Generator, size: int, bg1: np.ndarray, bg2: np.ndarray, v: Variation) -> np.ndarray:
     img = gradient(rng, size, bg1, bg2)
-    img = img + smooth_noise(rng, size, rng.uniform(0, 14))
-    if rng.random() < 0.2:  # fine grain (sparingly: it makes PNGs much larger)
+    img = img + smooth_noise(rng, size, rng.uniform(0, v.noise))
+    if rng.random() < v.grain:  # fine grain (sparingly: it makes PNGs much larger)
         img = img + rng.normal(0, rng.uniform(2, 4), (size, size, 1))
     return img
 
@@ -171,19 +211,20 @@ def glyph_mask(ch: str, font_path: Path, style: str, rng: np.random.Generator) -
     return canvas.crop(canvas.getbbox())
 
 
-def warp(mask: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Rotate (+-20 deg), shear, stretch and tilt (mild perspective) a glyph mask; re-cropped."""
+def warp(mask: Image.Image, rng: np.random.Generator, v: Variation) -> Image.Image:
+    """Rotate, shear, stretch and tilt (mild perspective) a glyph mask; re-cropped."""
     w, h = mask.size
     pad = max(w, h)
     big = Image.new("L", (w + 2 * pad, h + 2 * pad))
     big.paste(mask, (pad, pad))
     cx, cy = big.size[0] / 2, big.size[1] / 2
-    a = math.radians(rng.uniform(-20, 20))
+    a = math.radians(rng.uniform(-v.rotation, v.rotation))
     rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    shear = np.array([[1, rng.uniform(-0.25, 0.25), 0], [rng.uniform(-0.1, 0.1), 1, 0], [0, 0, 1]])
-    stretch = math.exp(rng.uniform(-0.25, 0.25))
+    (sx, sy) = v.shear
+    shear = np.array([[1, rng.uniform(-sx, sx), 0], [rng.uniform(-sy, sy), 1, 0], [0, 0, 1]])
+    stretch = math.exp(rng.uniform(-v.stretch, v.stretch))
     scale = np.diag([stretch, 1 / stretch, 1])
-    tilt = np.array([[1, 0, 0], [0, 1, 0], [*(rng.uniform(-0.35, 0.35, 2) / max(w, h)), 1]])
+    tilt = np.array([[1, 0, 0], [0, 1, 0], [*(rng.uniform(-v.tilt, v.tilt, 2) / max(w, h)), 1]])
     to_centre = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
     back = np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1]])
     forward = back @ tilt @ rot @ shear @ scale @ to_centre  # output <- input
@@ -193,26 +234,26 @@ def warp(mask: Image.Image, rng: np.random.Generator) -> Image.Image:
     return out.crop(out.getbbox())
 
 
-def place(mask: Image.Image, size: int, fill: float, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int]]:
+def place(mask: Image.Image, size: int, fill: float, shift: float, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int]]:
     """Resize the mask so its longer side is `fill` of the frame; random offset, kept inside the frame."""
     w, h = mask.size
     s = fill * size / max(w, h)
     mask = mask.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
     w, h = mask.size
-    max_shift = 0.09 * size
+    max_shift = shift * size
     dx = rng.uniform(-1, 1) * min(max_shift, (size - w) / 2)
     dy = rng.uniform(-1, 1) * min(max_shift, (size - h) / 2)
     return mask, (round((size - w) / 2 + dx), round((size - h) / 2 + dy))
 
 
-def render(ch: str, fonts: list[Path], size: int, rng: np.random.Generator) -> Image.Image:
+def render(ch: str, fonts: list[Path], size: int, rng: np.random.Generator, v: Variation = Variation()) -> Image.Image:
     font = fonts[int(rng.integers(len(fonts)))]
-    style = STYLES[int(rng.integers(len(STYLES)))]
-    bg1, bg2, fg1, fg2 = colour_scheme(rng)
-    img = background(rng, size, bg1, bg2)
+    style = v.styles[int(rng.integers(len(v.styles)))]
+    bg1, bg2, fg1, fg2 = colour_scheme(rng, v.polarity)
+    img = background(rng, size, bg1, bg2, v)
 
     big = size * SS
-    mask, (x, y) = place(warp(glyph_mask(ch, font, style, rng), rng), big, rng.uniform(0.5, 0.85), rng)
+    mask, (x, y) = place(warp(glyph_mask(ch, font, style, rng), rng, v), big, rng.uniform(*v.fill), v.shift, rng)
     layer = Image.new("L", (big, big))
     layer.paste(mask, (x, y))
     if style == "shadow":  # offset copy in a colour between background and foreground, under the glyph
@@ -225,7 +266,7 @@ def render(ch: str, fonts: list[Path], size: int, rng: np.random.Generator) -> I
     alpha = np.asarray(layer.resize((size, size), Image.BOX), dtype=np.float64)[..., None] / 255
     img = img * (1 - alpha) + gradient(rng, size, fg1, fg2) * alpha
 
-    if rng.random() < 0.25:  # occluder: a line across the frame or a blob, in a random colour
+    if rng.random() < v.occluder:  # occluder: a line across the frame or a blob, in a random colour
         occ = Image.new("L", (big, big))
         draw = ImageDraw.Draw(occ)
         if rng.random() < 0.6:
@@ -241,9 +282,9 @@ def render(ch: str, fonts: list[Path], size: int, rng: np.random.Generator) -> I
 
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     r = rng.random()
-    if r < 0.25:
+    if r < v.blur:
         out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0)))
-    elif r < 0.35:  # low resolution look
+    elif r < v.blur + v.lowres:  # low resolution look
         low = int(rng.integers(size // 3, size // 2 + 1))
         out = out.resize((low, low), Image.BILINEAR).resize((size, size), Image.BILINEAR)
     q = np.clip(np.round(np.asarray(out, dtype=np.float64) / QUANT) * QUANT, 0, 255).astype(np.uint8)
@@ -253,11 +294,13 @@ def render(ch: str, fonts: list[Path], size: int, rng: np.random.Generator) -> I
 # ----------------------------------------------------------------------------- splits and pairs
 
 
-def write_identity(folder: Path, name: str, ch: str, n: int, fonts: list[Path], size: int, seed: list[int]) -> None:
+def write_identity(
+    folder: Path, name: str, ch: str, n: int, fonts: list[Path], size: int, seed: list[int], v: Variation
+) -> None:
     (folder / name).mkdir(parents=True)
     for i in range(n):
         rng = np.random.default_rng(seed + [i])  # one stream per image: independent of write order
-        render(ch, fonts, size, rng).save(folder / name / f"{name}_{i + 1:04d}.png", optimize=True)
+        render(ch, fonts, size, rng, v).save(folder / name / f"{name}_{i + 1:04d}.png", optimize=True)
 
 
 def lfw_pairs(counts: dict[str, int], folds: int, per_fold: int, rng: np.random.Generator) -> list[str]:
@@ -284,6 +327,38 @@ def lfw_pairs(counts: dict[str, int], folds: int, per_fold: int, rng: np.random.
     return lines
 
 
+def select_fonts(fonts: list[Path], names: tuple[str, ...]) -> list[Path]:
+    """The fonts whose file stem is in `names` (all of them for an empty `names`)."""
+    if not names:
+        return fonts
+    by_stem = {p.stem: p for p in fonts}
+    missing = [n for n in names if n not in by_stem]
+    if missing:
+        sys.exit(f"make_faces_sample.py: font(s) {', '.join(missing)} not in the font folder (have {', '.join(sorted(by_stem))})")
+    return [by_stem[n] for n in names]
+
+
+def variation_from_args(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Variation:
+    v = HARD if args.hard else Variation()
+    changes = {}
+    if args.font_names is not None:
+        changes["fonts"] = () if args.font_names == "all" else tuple(n.strip() for n in args.font_names.split(",") if n.strip())
+    if args.styles is not None:
+        changes["styles"] = tuple(n.strip() for n in args.styles.split(",") if n.strip())
+        if not changes["styles"] or set(changes["styles"]) - {"solid", "outline", "shadow"}:
+            ap.error("--styles: give one or more of solid, outline, shadow")
+    for key in ("polarity", "rotation", "stretch", "tilt", "shift", "noise", "grain", "occluder", "blur", "lowres"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    for key in ("shear", "fill"):
+        if getattr(args, key) is not None:
+            changes[key] = tuple(getattr(args, key))
+    v = dataclasses.replace(v, **changes)
+    if not 0 < v.fill[0] <= v.fill[1] <= 1 or v.blur + v.lowres > 1:
+        ap.error("need 0 < --fill MIN <= MAX <= 1 and --blur + --lowres <= 1")
+    return v
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE / "faces-sample", help="output folder (deleted and rewritten)")
@@ -291,13 +366,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-ids", type=int, default=100, help="training identities")
     ap.add_argument("--val-ids", type=int, default=30, help=f"held-out identities (train + val <= {len(CHARACTERS)})")
-    ap.add_argument("--train-images", type=int, default=8, help="images per training identity")
+    ap.add_argument("--train-images", type=int, default=20, help="images per training identity")
     ap.add_argument("--val-images", type=int, default=6, help="images per validation identity")
     ap.add_argument("--singles", type=int, default=3, help="training identities that get a single image")
     ap.add_argument("--folds", type=int, default=10, help="folds in val_pairs.txt")
     ap.add_argument("--pairs-per-fold", type=int, default=30, help="matched (and as many mismatched) pairs per fold")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    var = ap.add_argument_group(
+        "variation", "how much images of one identity differ; unset options come from the default (quickstart) "
+        "settings, or from the original hard set with --hard"
+    )
+    var.add_argument("--hard", action="store_true", help="the original hard set: all 21 fonts, both polarities, "
+                     "outline and shadow styles, rotation 20, more shear, occluders and degradation")
+    var.add_argument("--font-names", help="comma-separated font file stems (DejaVuSans,DejaVuSerif-Bold,...) or 'all'")
+    var.add_argument("--styles", help="comma-separated styles drawn uniformly (repeat to weight): solid, outline, shadow")
+    var.add_argument("--polarity", choices=("dark", "light", "both"), help="glyph darker or lighter than the background, or either")
+    var.add_argument("--rotation", type=float, help="max rotation in degrees")
+    var.add_argument("--shear", type=float, nargs=2, metavar=("X", "Y"), help="max horizontal and vertical shear")
+    var.add_argument("--stretch", type=float, help="max log aspect stretch")
+    var.add_argument("--tilt", type=float, help="max perspective tilt")
+    var.add_argument("--fill", type=float, nargs=2, metavar=("MIN", "MAX"), help="glyph's longer side, fraction of the frame")
+    var.add_argument("--shift", type=float, help="max offset, fraction of the frame")
+    var.add_argument("--noise", type=float, help="max amplitude of the low-frequency background noise")
+    var.add_argument("--grain", type=float, help="probability of fine grain")
+    var.add_argument("--occluder", type=float, help="probability of an occluding line or blob")
+    var.add_argument("--blur", type=float, help="probability of Gaussian blur")
+    var.add_argument("--lowres", type=float, help="probability of a low-resolution look")
     args = ap.parse_args(argv)
+    variation = variation_from_args(args, ap)
 
     if args.train_ids + args.val_ids > len(CHARACTERS):
         ap.error(f"--train-ids + --val-ids must be at most {len(CHARACTERS)}")
@@ -307,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"make_faces_sample.py: --fonts {args.fonts} is not a folder (expected the DejaVu .ttf files)")
     names = {identity_name(ch): ch for ch in CHARACTERS}
     assert len(names) == len(CHARACTERS) == len(set(CHARACTERS)), "identity names must be unique"
-    covering = fonts_for_each_character(find_fonts(args.fonts), CHARACTERS)
+    covering = fonts_for_each_character(select_fonts(find_fonts(args.fonts), variation.fonts), CHARACTERS)
 
     rng = np.random.default_rng(args.seed)
     chars = [CHARACTERS[i] for i in rng.permutation(len(CHARACTERS))]
@@ -325,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, ch in enumerate(split_chars):
             n = args.val_images if split == "val" else (1 if k in singles else args.train_images)
             name = identity_name(ch)
-            write_identity(args.out / split, name, ch, n, covering[ch], args.size, [args.seed, ord(ch)])
+            write_identity(args.out / split, name, ch, n, covering[ch], args.size, [args.seed, ord(ch)], variation)
             counts[split][name] = n
     lines = lfw_pairs(counts["val"], args.folds, args.pairs_per_fold, np.random.default_rng([args.seed, 1]))
     (args.out / "val_pairs.txt").write_text("\n".join(lines) + "\n")
