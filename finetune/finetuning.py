@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
 import torch
-from torch import nn
 from timm.models import group_parameters
+from torch import nn
 
 Strategy = Literal["none", "frozen", "freeze_then_unfreeze", "gradual"]
 STRATEGIES = ("none", "frozen", "freeze_then_unfreeze", "gradual")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from lightning.pytorch import Callback
+from PIL import Image
 
 from finetune.cli import create_cli
 

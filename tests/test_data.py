@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_colour_images
 from PIL import Image
 
-from conftest import write_colour_images
 from finetune.data import ImageFolderDataModule
 from finetune.data.folder import scan_image_folder
 from finetune.data.images import read_rgb

@@ -9,8 +9,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import write_colour_images
+
 from finetune.data import IdentityFolderDataModule
 from finetune.tasks import EmbeddingTask
 
