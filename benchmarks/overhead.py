@@ -7,14 +7,16 @@ parameters) on the same in-memory batches, on CPU, one thread, so that compute i
 what is left is overhead: Lightning's loop and hooks, our task's metric updates, logging and
 LR bookkeeping. A minimal LightningModule around the same network separates Lightning's own
 cost from our task's. Both use AdamW over our parameter groups with the cosine schedule stepped each
-step. Each setting is timed `--repeats` times, interleaved, and the fastest run is kept (on a
-shared machine the fastest run is the one least disturbed by other processes).
+step. A run's figure is the median time from one step's start to the next (all of Lightning's
+work between steps included); each setting is run `--repeats` times, interleaved, and the
+fastest run is kept (on a shared machine, the one least disturbed by other processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from functools import partial
 
@@ -32,6 +34,8 @@ TINY_RESNET = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
 
 
 def tiny_task() -> ClassificationTask:
+    # The same starting weights in every run: the compute of a step then differs by nothing.
+    torch.manual_seed(0)
     # The task builds its backbone by name; give it timm's resnet18 layout at toy width.
     classification.create_backbone = partial(create_backbone, **TINY_RESNET)
     try:
@@ -55,15 +59,22 @@ def raw_loop(data: list[dict], warmup: int) -> float:
     optimizer = torch.optim.AdamW(task.param_groups(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(data))
     task.train()
-    for step, batch in enumerate(data):
-        if step == warmup:
-            start = time.perf_counter()
+    starts = []
+    for batch in data:
+        starts.append(time.perf_counter())
         loss = F.cross_entropy(task(batch["image"]), batch["label"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-    return (time.perf_counter() - start) / (len(data) - warmup) * 1000
+    starts.append(time.perf_counter())
+    return median_step_ms(starts, warmup)
+
+
+def median_step_ms(starts: list[float], warmup: int) -> float:
+    """Median time from one step's start to the next's, after `warmup` steps. The median, not
+    the mean: a step slowed by another process on a shared machine does not move it."""
+    return statistics.median(b - a for a, b in zip(starts[warmup:], starts[warmup + 1:])) * 1000
 
 
 class MinimalModule(L.LightningModule):
@@ -96,23 +107,23 @@ class Batches:
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.steps = warmup, None, 0
+    """Start times of every step and the end of the last: everything Lightning does between
+    two steps is inside an interval."""
+
+    def __init__(self):
+        self.starts: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+        self.starts.append(time.perf_counter())
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.steps += 1
-            self.elapsed = time.perf_counter() - self.start
+    def on_train_end(self, trainer, pl_module):
+        self.starts.append(time.perf_counter())
 
 
 def lightning_loop(data: list[dict], warmup: int, logged: bool, save_dir: str, module=None) -> float:
     """ms/step through Trainer.fit. `logged`: as a user's run is, with a progress bar and a
     logger writing every 50 steps; otherwise bare (no bar, no logger, no checkpoint)."""
-    timer = StepTimer(warmup)
+    timer = StepTimer()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
         enable_checkpointing=False, enable_model_summary=False, callbacks=[timer],
@@ -120,16 +131,16 @@ def lightning_loop(data: list[dict], warmup: int, logged: bool, save_dir: str, m
         logger=L.pytorch.loggers.CSVLogger(save_dir) if logged else False, default_root_dir=save_dir,
     )
     trainer.fit(module or tiny_task(), train_dataloaders=Batches(data))
-    return timer.elapsed / timer.steps * 1000
+    return median_step_ms(timer.starts, warmup)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--save_dir", default="/tmp/finetune-overhead")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -145,7 +156,7 @@ def main() -> None:
         runs["Lightning + task, bar + logger"].append(lightning_loop(data, args.warmup, True, args.save_dir))
     best = {name: min(times) for name, times in runs.items()}
     raw = best["raw PyTorch loop"]
-    print(f"\n{args.steps} steps of batch {args.batch} at {args.size} px, 1 thread, best of {args.repeats}")
+    print(f"\n{args.steps} steps of batch {args.batch} at {args.size} px, 1 thread, median step, best of {args.repeats}")
     for name, ms in best.items():
         extra = "" if name.startswith("raw") else f"   {ms - raw:+.3f} ms/step against raw"
         print(f"{name:<32} {ms:7.3f} ms/step{extra}")

@@ -3,10 +3,14 @@ schedulers see one constant optimizer, and stages come from each backbone's own 
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from finetune.backbones import SUPPORTED_BACKBONES, create_backbone
@@ -64,16 +68,20 @@ def test_frozen_backbone_is_bit_identical_and_bn_statistics_untouched(colour_fol
     assert task.trainer.callback_metrics["train/trainable_params"] == head_params
 
 
-def test_gradual_unfreezes_one_stage_per_epoch(colour_folder):
+def test_gradual_unfreezes_one_stage_per_epoch(colour_folder, tmp_path):
     L.seed_everything(0)
     dm, task = make(colour_folder, {"strategy": "gradual", "unfreeze_at": [1, 2, 3, 4], "train_bn": False})
     before = snapshot(task)
-    fit = trainer(2, log_every_n_steps=1)  # LRs are logged on the steps the logger writes
+    logger = CSVLogger(tmp_path)
+    fit = trainer(2, log_every_n_steps=1, logger=logger)  # LRs are logged on the steps the logger writes
     fit.fit(task, dm)  # epoch 0: head only; epoch 1: + layer4
     assert changed(before, task, "backbone.layer4.")
     for frozen in ("backbone.layer3.", "backbone.layer2.", "backbone.layer1.", "backbone.conv1.", "backbone.bn1."):
         assert not changed(before, task, frozen), frozen
-    assert fit.callback_metrics["lr/layer4"] > 0 and fit.callback_metrics["lr/layer3"] == 0
+    assert fit.logged_metrics["lr/layer4"] > 0 and fit.logged_metrics["lr/layer3"] == 0
+    logger.save()
+    first = next(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))  # epoch 0: the head alone
+    assert float(first["lr/head"]) > 0 and float(first["lr/layer4"]) == 0
     task.train()  # what Lightning or a user may call: frozen BatchNorm must stay in eval mode
     assert task.backbone.layer3[0].bn1.training is False and task.backbone.layer4[0].bn1.training is True
 

@@ -125,7 +125,7 @@ class SegmentationTask(FinetuneTask):
         loss = self._loss(logits, batch["mask"])
         if aux is not None:
             loss = loss + self.hparams.aux_loss_weight * self._loss(aux, batch["mask"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
+        self.log_training(len(logits), loss=loss)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
