@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py                  # ~1000 + 200 generated JPEGs, N = cores
     python benchmarks/input_pipeline.py --quick          # fewer images (a smoke run)
+    python benchmarks/input_pipeline.py --repeats 1      # one run of each pipeline (default 3, the fastest counts)
 
 It writes JPEG folders (500x375 photos, 1600x1200 phone photos, 800x600 scenes with PNG masks,
 250x250 LFW-style faces) under --data, then pushes each pipeline through a DataLoader with
@@ -197,6 +198,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="DataLoader workers (default: cores)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="fewer images and batches")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each pipeline, interleaved; the fastest counts")
     args = parser.parse_args()
     cores = args.workers
     n = 200 if args.quick else 1000
@@ -242,15 +244,25 @@ def main() -> None:
     cv2.setNumThreads(1)  # the 1-process rows: one core, like one worker
     torch.set_num_threads(1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {cores} usable; "
-          f"torch {torch.__version__}, OpenCV {cv2.__version__}, Pillow {Image.__version__}; batch {args.batch}")
+          f"torch {torch.__version__}, OpenCV {cv2.__version__}, Pillow {Image.__version__}; batch {args.batch}; "
+          f"best of {args.repeats} interleaved runs")
     header = (f"{'job':<24} {'pipeline':<48} {'1 proc':>7} {'ratio':>6} {f'{cores} wkrs':>7} {'/core':>6} {'ratio':>6}  "
               + "  ".join(f"cores for {k}" for k in H100_CEILINGS))
     print(header)
     baseline: dict[str, tuple[float, float]] = {}
     default_ratio: dict[str, float] = {}
+    best: dict[tuple[str, str], tuple[float, float]] = {}
+    for job in dict.fromkeys(job for job, *_ in jobs):
+        # Each pipeline of a job `--repeats` times, interleaved, the fastest run counting: on a
+        # shared machine a single run of the baseline moved by 20 % between runs.
+        for _ in range(args.repeats):
+            for _, pipeline, make, count in (entry for entry in jobs if entry[0] == job):
+                single = throughput(make(0, args.batch), count * 3 // 2)  # images timed: a few epochs
+                multi = throughput(make(cores, args.batch), count * 3)
+                previous = best.get((job, pipeline), (0.0, 0.0))
+                best[job, pipeline] = (max(previous[0], single), max(previous[1], multi))
     for job, pipeline, make, count in jobs:
-        single = throughput(make(0, args.batch), count * 3 // 2)  # images timed: a few epochs
-        multi = throughput(make(cores, args.batch), count * 3)
+        single, multi = best[job, pipeline]
         base = baseline.setdefault(job, (single, multi))
         per_core = multi / cores
         needed = "  ".join(f"{ceiling / per_core:>{len('cores for ' + k)}.0f}" for k, ceiling in H100_CEILINGS.items())
