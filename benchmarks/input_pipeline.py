@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from finetune.data import region_decode
 from finetune.data.classification import ImageDataset, ImageFolderDataModule
 from finetune.data.identity import IdentityFolderDataModule
 from finetune.data.segmentation import SegmentationFolderDataModule
@@ -141,6 +142,9 @@ def plain_segmentation(crop: int):
 class PILFloatDataset(ImageDataset):
     """Our transforms with PIL decoding and float32 out of the workers: before this issue."""
 
+    def __init__(self, *args, crop_first: bool = False, **kwargs):
+        super().__init__(*args, crop_first=False, **kwargs)
+
     def __getitem__(self, key):
         from finetune.data.sampling import seeded_index
 
@@ -158,8 +162,9 @@ def our_loader(dm, workers: int, batch: int) -> DataLoader:
 
 
 def variant_loader(dm, dataset_cls, normalize: bool, shrink: bool, workers: int, batch: int) -> DataLoader:
+    """Our transforms, decoding whole images (no crop first), with or without the DCT shrink."""
     transform = train_transform(dm.image_size, MEAN, STD, dm.hparams.scale, dm.hparams.hflip, normalize=normalize)
-    dataset = dataset_cls(dm.splits.train, transform, 0, dm.train_shrink() if shrink else None)
+    dataset = dataset_cls(dm.splits.train, transform, 0, dm.train_shrink() if shrink else None, crop_first=False)
     return _plain_loader(dataset, workers, batch)
 
 
@@ -225,7 +230,9 @@ def main() -> None:
              lambda w, b, dm=dm: variant_loader(dm, ImageDataset, True, False, w, b), count),
             (name, "(c3) OpenCV decode, uint8 out",
              lambda w, b, dm=dm: variant_loader(dm, ImageDataset, False, False, w, b), count),
-            (name, "(b) default: OpenCV + DCT shrink, uint8 out",
+            (name, "(c4) + DCT shrink (default before crop first)",
+             lambda w, b, dm=dm: variant_loader(dm, ImageDataset, False, True, w, b), count),
+            (name, "(b) default: crop first + DCT shrink, uint8",
              lambda w, b, dm=dm: our_loader(dm, w, b), count),
         ]
     seg_dm = SegmentationFolderDataModule(str(scenes), backbone="resnet50", crop_size=512, val_fraction=0.0, mean=MEAN, std=STD)
@@ -246,6 +253,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {cores} usable; "
           f"torch {torch.__version__}, OpenCV {cv2.__version__}, Pillow {Image.__version__}; batch {args.batch}; "
           f"best of {args.repeats} interleaved runs")
+    region = region_decode.decoder()
+    print(f"crop first decodes JPEG regions with: {region.path if region else 'nothing (no libturbojpeg 3): whole images'}")
     header = (f"{'job':<24} {'pipeline':<48} {'1 proc':>7} {'ratio':>6} {f'{cores} wkrs':>7} {'/core':>6} {'ratio':>6}  "
               + "  ".join(f"cores for {k}" for k in H100_CEILINGS))
     print(header)

@@ -114,7 +114,7 @@ def test_jpeg_header_reads_size_and_components_like_pil(tmp_path):
     for name, (picture, options) in cases.items():
         picture.save(tmp_path / name, quality=90, **options)
         with Image.open(tmp_path / name) as opened:
-            expected = (*opened.size, len(opened.getbands()))
+            expected = (*opened.size, len(opened.getbands()), opened.getexif().get(0x0112, 1))
         assert jpeg_header((tmp_path / name).read_bytes()) == expected, name
     image.save(tmp_path / "x.png")
     assert jpeg_header((tmp_path / "x.png").read_bytes()) is None

@@ -17,6 +17,7 @@ from finetune.data.bad_images import (
     read_guarded,
 )
 from finetune.data.checks import Screening, folder_report, log_report
+from finetune.data.crop_first import CropFirst
 from finetune.data.folder import FolderSplits, Sample, list_images, scan_image_folder
 from finetune.data.images import Shrink, read_rgb
 from finetune.data.loader import data_loader
@@ -38,14 +39,19 @@ class ImageDataset(Dataset):
 
     Indexed by `(index, epoch)` (from EpochShuffleSampler), random augmentation is seeded by
     (seed, epoch, index): the same image gets the same crop in a resumed or a DDP run,
-    whatever the worker that loads it.
+    whatever the worker that loads it. A transform that starts with RandomResizedCrop runs
+    crop first (`crop_first`, the default): only the crop of a JPEG is decoded, with the same
+    result as the Compose on the whole image.
     """
 
-    def __init__(self, samples: list[Sample], transform, seed: int = 0, shrink: Shrink | None = None):
+    def __init__(
+        self, samples: list[Sample], transform, seed: int = 0, shrink: Shrink | None = None, crop_first: bool = True
+    ):
         self.samples = samples
         self.transform = transform
         self.seed = seed
         self.shrink = shrink  # how far JPEG decoding may reduce an image (see read_rgb)
+        self.crop_first = CropFirst(transform) if crop_first and CropFirst.applies(transform) else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -57,7 +63,10 @@ class ImageDataset(Dataset):
 
     def _load(self, index: int) -> dict:
         path, label = self.samples[index]
-        image = self.transform(image=read_guarded(read_rgb, path, self.shrink))["image"]
+        if self.crop_first is not None:
+            image = self.crop_first.finish(read_guarded(self.crop_first.read, path, self.shrink))
+        else:
+            image = self.transform(image=read_guarded(read_rgb, path, self.shrink))["image"]
         return {"image": image, "label": label, "path": path, "index": index}
 
 

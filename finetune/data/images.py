@@ -10,7 +10,7 @@ Everything else (PNG, 16-bit, palette, CMYK JPEGs) goes through PIL.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -48,13 +48,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, colour components) from a JPEG's start-of-frame marker, or None when
-    `data` is not a JPEG. Reading it costs microseconds; PIL's Image.open costs ~0.1 ms, a
-    sixth of decoding a 500x375 photo."""
+class JpegHeader(NamedTuple):
+    width: int  # as stored, before the EXIF orientation
+    height: int
+    components: int  # 1 grey, 3 colour, 4 CMYK
+    orientation: int = 1  # EXIF orientation, 1-8 (1: as stored)
+
+    @property
+    def turned(self) -> bool:
+        """A quarter turn (orientations 5-8): width and height swap when shown."""
+        return self.orientation >= 5
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """Size, colour components and EXIF orientation from a JPEG's markers, or None when `data`
+    is not a JPEG. Reading it costs microseconds; PIL's Image.open costs ~0.1 ms, a sixth of
+    decoding a 500x375 photo."""
     if data[:3] != b"\xff\xd8\xff":
         return None
-    i = 2
+    i, orientation = 2, 1
     while i + 9 < len(data):
         if data[i] != 0xFF:
             return None
@@ -62,11 +74,44 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
         if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, markers without a length
             i += 1 if marker == 0xFF else 2
             continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and orientation == 1:  # APP1: the first Exif segment counts, as in PIL and OpenCV
+            orientation = _exif_orientation(data[i + 4:i + 2 + length])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15 (not DHT, JPG, DAC)
             height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-            return width, height, data[i + 9]
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            return JpegHeader(width, height, data[i + 9], orientation)
+        i += 2 + length
     return None
+
+
+def _exif_orientation(segment: bytes) -> int:
+    """Tag 0x0112 of IFD0 in an APP1 segment's TIFF structure; 1 when absent or out of range."""
+    if segment[:6] != b"Exif\x00\x00" or segment[6:8] not in (b"II", b"MM"):
+        return 1
+    tiff = segment[6:]
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[entry + 8:entry + 10], order)  # a SHORT, left-justified in the field
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def check_jpeg_size(path: str | Path, header: JpegHeader) -> None:
+    """Refuse a decompression bomb from its header, before any pixel is decoded, at PIL's limit."""
+    if header.width * header.height > 2 * Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{path}: {header.width}x{header.height} pixels exceeds the limit of {2 * Image.MAX_IMAGE_PIXELS} "
+            "(decompression bomb)"
+        )
+
+
+def decode_factor(header: JpegHeader, shrink: Shrink | None) -> int:
+    """The DCT reduction OpenCV decodes `header`'s image at (1 without `shrink`)."""
+    factor = shrink(header.width, header.height) if shrink is not None else 1
+    return factor if factor in _REDUCED_RGB else 1
 
 
 def _decode_jpeg(path: str | Path, data: bytes, factor: int) -> np.ndarray:
@@ -78,24 +123,24 @@ def _decode_jpeg(path: str | Path, data: bytes, factor: int) -> np.ndarray:
 
 
 def read_rgb(path: str | Path, shrink: Shrink | None = None) -> np.ndarray:
-    """HxWx3 uint8 array with EXIF orientation applied (phone photos are stored rotated).
-
-    Grayscale and colour JPEGs go to OpenCV, with the size read from the JPEG's own header
-    (a decompression bomb is refused there, before any pixel is decoded, at PIL's limit);
-    CMYK JPEGs (PIL converts them exactly) and other formats go to PIL.
-    """
+    """HxWx3 uint8 array with EXIF orientation applied (phone photos are stored rotated)."""
     with open(path, "rb") as file:
         data = file.read()
+    return decode_rgb(path, data, shrink)
+
+
+def decode_rgb(path: str | Path, data: bytes, shrink: Shrink | None = None) -> np.ndarray:
+    """`read_rgb` of a file already read into `data`.
+
+    Grayscale and colour JPEGs go to OpenCV, with the size read from the JPEG's own header
+    (a decompression bomb is refused there); CMYK JPEGs (PIL converts them exactly) and other
+    formats go to PIL.
+    """
     header = jpeg_header(data)
-    if header is not None and header[2] in (1, 3):
-        width, height, _ = header
-        if width * height > 2 * Image.MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(
-                f"{path}: {width}x{height} pixels exceeds the limit of {2 * Image.MAX_IMAGE_PIXELS} (decompression bomb)"
-            )
-        factor = shrink(width, height) if shrink is not None else 1
-        return _decode_jpeg(path, data, factor if factor in _REDUCED_RGB else 1)
-    with Image.open(path) as image:
+    if header is not None and header.components in (1, 3):
+        check_jpeg_size(path, header)
+        return _decode_jpeg(path, data, decode_factor(header, shrink))
+    with Image.open(path) as image:  # by name, so that PIL's errors name the file
         image = ImageOps.exif_transpose(image)
         # np.array, not asarray: PIL's buffer is read-only, and torch.from_numpy needs to own it.
         return np.array(_to_rgb(image))
