@@ -129,3 +129,16 @@ def test_a_jpeg_claiming_enormous_dimensions_is_refused_before_decoding(tmp_path
     (tmp_path / "bomb.jpg").write_bytes(bytes(data))
     with pytest.raises(Image.DecompressionBombError, match="bomb.jpg"):
         read_rgb(tmp_path / "bomb.jpg")
+
+
+def test_planar_tensor_step_gives_what_to_tensor_v2_gives():
+    from albumentations.pytorch import ToTensorV2
+
+    from finetune.data.transforms import ToPlanarTensor
+
+    rng = np.random.default_rng(0)
+    for shape, dtype in (((5, 7, 3), np.uint8), ((5, 7, 3), np.float32), ((5, 7), np.uint8), ((5, 7, 4), np.uint8)):
+        image = (rng.random(shape) * 255).astype(dtype)
+        planar, reference = ToPlanarTensor()(image=image)["image"], ToTensorV2()(image=image)["image"]
+        assert planar.is_contiguous() and planar.dtype == reference.dtype
+        assert torch.equal(planar, reference), shape
