@@ -146,12 +146,23 @@ def test_a_damaged_jpeg_goes_to_the_full_decoder_and_fails_as_it_does(tmp_path):
             read(tmp_path / "cut.jpg")
 
 
-def test_training_data_runs_crop_first_and_evaluation_does_not(colour_folder):
-    dm = ImageFolderDataModule(str(colour_folder), backbone="resnet18", image_size=32, num_workers=0)
-    assert dm.train_dataloader().dataset.crop_first is not None
-    assert dm.val_dataloader().dataset.crop_first is None  # resize + centre crop: the whole image
+def test_training_data_runs_crop_first_and_evaluation_does_not(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    for label in ("cats", "dogs"):
+        (tmp_path / label).mkdir()
+        for i in range(6):
+            orientation = (1, 6, 3)[i % 3]
+            (tmp_path / label / f"{i}.jpg").write_bytes(_jpeg(_photo(rng, 97 + 9 * i, 75 + 5 * i), orientation=orientation))
+    dm = ImageFolderDataModule(str(tmp_path), backbone="resnet18", image_size=48, val_fraction=0.25, num_workers=0)
     dataset = dm.train_dataloader().dataset
+    assert dataset.crop_first is not None
+    assert dm.val_dataloader().dataset.crop_first is None  # resize + centre crop: the whole image
     reference = ImageDataset(dataset.samples, dataset.transform, dataset.seed, dataset.shrink, crop_first=False)
+    regions = []
+    real_decode = region_decode.RegionDecoder.decode
+    monkeypatch.setattr(region_decode.RegionDecoder, "decode", lambda self, *a: regions.append(1) or real_decode(self, *a))
     # the same (index, epoch) key: the same augmented image whichever path decodes it
-    for key in [(0, 0), (1, 0), (0, 1), (5, 3)]:
+    keys = [(index, epoch) for epoch in range(3) for index in range(len(dataset))]
+    for key in keys:
         assert torch.equal(dataset[key]["image"], reference[key]["image"]), key
+    assert len(regions) == len(keys)
