@@ -11,7 +11,6 @@ import albumentations as A
 import cv2
 import lightning as L
 import torch
-from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import data_config
@@ -34,6 +33,7 @@ from finetune.data.segmentation_folder import (
     read_mask,
     scan_segmentation_folder,
 )
+from finetune.data.transforms import ToPlanarTensor
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,12 @@ def seg_train_transform(
         A.RandomCrop(crop_size, crop_size),
         A.HorizontalFlip(p=hflip),
     ]
-    return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToTensorV2()])
+    return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToPlanarTensor()])
 
 
 def seg_eval_transform(mean: tuple[float, ...], std: tuple[float, ...], normalize: bool = True) -> A.Compose:
     """Full resolution: metrics are computed on the labels as drawn; batches are padded in collate."""
-    return A.Compose([*([A.Normalize(mean=mean, std=std)] if normalize else []), ToTensorV2()])
+    return A.Compose([*([A.Normalize(mean=mean, std=std)] if normalize else []), ToPlanarTensor()])
 
 
 def mean_colour(mean: tuple[float, ...]) -> tuple[int, ...]:
