@@ -4,7 +4,8 @@ JPEGs, most of any photo folder, are decoded by OpenCV (libjpeg-turbo, faster th
 bit-identical pixels) and, when the caller allows it, at 1/2, 1/4 or 1/8 scale in the
 DCT (`shrink`): several times faster for large photos, and used only where the smaller image
 still covers every crop at the size the model takes, so the model sees the same picture.
-Everything else (PNG, 16-bit, palette, CMYK JPEGs) goes through PIL.
+Everything else (PNG, 16-bit, palette, CMYK JPEGs) goes through PIL. Training crops of JPEGs
+skip most of this: finetune/data/crop_first.py decodes only the crop.
 """
 
 from __future__ import annotations
