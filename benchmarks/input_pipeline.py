@@ -142,9 +142,6 @@ def plain_segmentation(crop: int):
 class PILFloatDataset(ImageDataset):
     """Our transforms with PIL decoding and float32 out of the workers: before this issue."""
 
-    def __init__(self, *args, crop_first: bool = False, **kwargs):
-        super().__init__(*args, crop_first=False, **kwargs)
-
     def __getitem__(self, key):
         from finetune.data.sampling import seeded_index
 

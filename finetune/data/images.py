@@ -76,7 +76,7 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
             i += 1 if marker == 0xFF else 2
             continue
         length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker == 0xE1 and orientation == 1:  # APP1: the first Exif segment counts, as in PIL and OpenCV
+        if marker == 0xE1 and orientation == 1:  # APP1 (Exif; XMP segments give 1): the first turn found counts
             orientation = _exif_orientation(data[i + 4:i + 2 + length])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15 (not DHT, JPG, DAC)
             height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import threading
 from importlib import metadata
@@ -122,14 +123,8 @@ class RegionDecoder:
         return out[:, x1 - left:x2 - left]
 
 
-_decoder: RegionDecoder | None = None
-_loaded = False
-
-
+@functools.cache
 def decoder() -> RegionDecoder | None:
     """The process's RegionDecoder, or None without libturbojpeg 3."""
-    global _decoder, _loaded
-    if not _loaded:
-        lib = _load()
-        _decoder, _loaded = (RegionDecoder(lib) if lib is not None else None), True
-    return _decoder
+    lib = _load()
+    return RegionDecoder(lib) if lib is not None else None
