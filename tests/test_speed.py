@@ -122,3 +122,32 @@ def test_training_steps_make_no_host_syncs(colour_folder, tmp_path):
     dm, task = tiny(colour_folder)
     trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[DuringSteps()]).fit(task, dm)
     assert not syncs, "host syncs in training steps:\n" + "\n".join(sorted(set(syncs)))
+
+
+def test_fast_hook_name_attribute_keeps_module_semantics(colour_folder, tmp_path):
+    """The tasks set Lightning's `_current_fx_name` as a plain attribute (a fast path around
+    nn.Module.__setattr__): hooks still see their own name, so `self.log` is checked and
+    routed per hook, and every other attribute still registers as a module or parameter."""
+    seen: dict[str, str] = {}
+
+    class Recording(ClassificationTask):
+        def training_step(self, batch, batch_idx):
+            seen["training_step"] = self._current_fx_name
+            return super().training_step(batch, batch_idx)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            seen["on_train_batch_start"] = self._current_fx_name
+            return super().on_train_batch_start(batch, batch_idx)
+
+    dm, _ = tiny(colour_folder)
+    task = Recording(num_classes=dm.num_classes, class_names=dm.class_names, backbone="resnet18", pretrained=False)
+    fit = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    fit.fit(task, dm)
+    assert seen == {"training_step": "training_step", "on_train_batch_start": "on_train_batch_start"}
+    assert "val/acc" in fit.callback_metrics and "train/loss_epoch" in fit.callback_metrics
+    assert "_current_fx_name" in vars(task) and "_current_fx_name" not in task._modules
+
+    task.extra = torch.nn.Linear(2, 2)
+    task.scale = torch.nn.Parameter(torch.ones(1))
+    assert "extra" in task._modules and "scale" in task._parameters
+    assert {"extra.weight", "scale"} <= set(task.state_dict())
