@@ -3,9 +3,9 @@
     python benchmarks/overhead.py            # prints ms/step for each and the difference
 
 The same tiny ResNet (timm's resnet18 layout with 1 block per stage and 8-64 channels, 91 k
-parameters) on the same in-memory batches, on CPU, one thread, so that compute is small and
-what is left is overhead: Lightning's loop and hooks, our task's metric updates, logging and
-LR bookkeeping. A minimal LightningModule around the same network separates Lightning's own
+parameters) on the same in-memory batches, on CPU, one thread: nothing runs asynchronously, so
+every microsecond of overhead shows (Lightning's loop and hooks, our task's metric updates,
+logging and LR bookkeeping). A minimal LightningModule around the same network separates Lightning's own
 cost from our task's. Both use AdamW over our parameter groups with the cosine schedule stepped each
 step. Each setting is run `--repeats` times, interleaved.
 
