@@ -179,6 +179,7 @@ def create_cli(args=None, run: bool = True) -> FinetuneCLI:
         save_config_kwargs={"overwrite": True},
         # Tasks build their own optimizer (param groups, no decay on norms): no CLI override.
         auto_configure_optimizers=False,
+        trainer_defaults={"profiler": {"class_path": "finetune.speed.NoProfiler"}},
         parser_class=FinetuneArgumentParser,
         args=args,
     )

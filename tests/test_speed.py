@@ -151,3 +151,26 @@ def test_fast_hook_name_attribute_keeps_module_semantics(colour_folder, tmp_path
     task.scale = torch.nn.Parameter(torch.ones(1))
     assert "extra" in task._modules and "scale" in task._parameters
     assert {"extra.weight", "scale"} <= set(task.state_dict())
+
+
+def test_cli_profiles_nothing_by_default_and_still_takes_a_profiler(colour_folder, tmp_path):
+    """The CLI's default profiler (finetune.speed.NoProfiler) skips the per-hook context
+    managers of Lightning's do-nothing default; `--trainer.profiler simple` still profiles."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from finetune.speed import NoProfiler
+
+    def fit(*extra):
+        return create_cli([
+            "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
+            "--data.root", str(colour_folder), "--data.image_size", "24", "--data.batch_size", "8",
+            "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), *extra,
+        ])
+
+    cli = fit()
+    assert isinstance(cli.trainer.profiler, NoProfiler) and cli.trainer.global_step == 3
+    profiled = fit("--trainer.profiler", "simple")
+    assert isinstance(profiled.trainer.profiler, SimpleProfiler)
+    assert any("training_step" in action for action in profiled.trainer.profiler.recorded_durations)
