@@ -1,7 +1,9 @@
-"""Run-time speed settings: channels_last, torch.compile, and Lightning's batch-size finder.
+"""Run-time speed settings: channels_last, torch.compile, Lightning's batch-size finder, and
+the CLI's default profiler.
 
-They are CLI-level options (`--channels_last`, `--compile`, `--batch_size_find`), not model
-hyperparameters: a checkpoint trained with them loads and runs without them.
+They are CLI-level options (`--channels_last`, `--compile`, `--batch_size_find`,
+`--trainer.profiler`), not model hyperparameters: a checkpoint trained with them loads and
+runs without them.
 """
 
 from __future__ import annotations
