@@ -33,7 +33,7 @@ from finetune.data.segmentation_folder import (
     read_mask,
     scan_segmentation_folder,
 )
-from finetune.data.transforms import ToPlanarTensor
+from finetune.data.transforms import compose_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,12 @@ def seg_train_transform(
         A.RandomCrop(crop_size, crop_size),
         A.HorizontalFlip(p=hflip),
     ]
-    return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToPlanarTensor()])
+    return compose_to_tensor(steps, mean, std, normalize)
 
 
 def seg_eval_transform(mean: tuple[float, ...], std: tuple[float, ...], normalize: bool = True) -> A.Compose:
     """Full resolution: metrics are computed on the labels as drawn; batches are padded in collate."""
-    return A.Compose([*([A.Normalize(mean=mean, std=std)] if normalize else []), ToPlanarTensor()])
+    return compose_to_tensor([], mean, std, normalize)
 
 
 def mean_colour(mean: tuple[float, ...]) -> tuple[int, ...]:

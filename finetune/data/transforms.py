@@ -36,7 +36,8 @@ class ToPlanarTensor(ToTensorV2):
         return super().apply(img, **params)
 
 
-def _finish(steps: list, mean, std, normalize: bool) -> A.Compose:
+def compose_to_tensor(steps: list, mean, std, normalize: bool) -> A.Compose:
+    """`steps`, then (if `normalize`) Normalize, then planar CHW tensors: every task's tail."""
     return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToPlanarTensor()])
 
 
@@ -79,7 +80,7 @@ def train_transform(
     interpolation: str = "bilinear",
     normalize: bool = True,
 ) -> A.Compose:
-    return _finish([
+    return compose_to_tensor([
         A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=CROP_RATIO, interpolation=_INTERPOLATION[interpolation]),
         A.HorizontalFlip(p=hflip),
     ], mean, std, normalize)
@@ -94,7 +95,7 @@ def eval_transform(
     normalize: bool = True,
 ) -> A.Compose:
     # timm's eval recipe: resize the short side to size / crop_pct, then centre-crop.
-    return _finish([
+    return compose_to_tensor([
         A.SmallestMaxSize(max_size=eval_resize(size, crop_pct), interpolation=_INTERPOLATION[interpolation]),
         A.CenterCrop(height=size, width=size),
     ], mean, std, normalize)
