@@ -157,17 +157,15 @@ def test_cli_profiles_nothing_by_default_and_still_takes_a_profiler(colour_folde
     """The CLI's default profiler (finetune.speed.NoProfiler) skips the per-hook context
     managers of Lightning's do-nothing default; `--trainer.profiler simple` still profiles."""
     from lightning.pytorch.profilers import SimpleProfiler
+    from test_cli import small_run
 
     from finetune.speed import NoProfiler
 
     def fit(*extra):
-        return create_cli([
-            "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
-            "--data.root", str(colour_folder), "--data.image_size", "24", "--data.batch_size", "8",
-            "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-            "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path), *extra,
-        ])
+        return create_cli(["fit", *small_run(
+            colour_folder, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1", "--trainer.logger", "false", *extra,
+        )])
 
     cli = fit()
     assert isinstance(cli.trainer.profiler, NoProfiler) and cli.trainer.global_step == 3
