@@ -9,6 +9,9 @@ Design (see ../shared/PITFALLS.md for what Lightning's BackboneFinetuning gets w
   resumed run computes the same set.
 - BatchNorm of a frozen stage runs in eval mode (running statistics untouched) unless
   `train_bn` is set; `apply()` re-asserts that after anything calls `.train()`.
+- Norms are found by name each time: `--trainer.sync_batchnorm true` replaces every BatchNorm
+  with a new SyncBatchNorm when the strategy sets up (and back at teardown), so a list of
+  module objects taken earlier would manage modules that no longer run.
 """
 
 from __future__ import annotations
@@ -53,8 +56,14 @@ DEFAULTS: FinetuningConfig = {"strategy": "none", "unfreeze_at": [1, 2, 3, 4], "
 @dataclass
 class Stage:
     name: str
+    # Parameters survive SyncBatchNorm conversion (it moves them into the new module);
+    # the norm modules themselves do not, hence names.
     params: list[nn.Parameter] = field(default_factory=list)
-    norms: list[nn.Module] = field(default_factory=list)
+    norm_names: list[str] = field(default_factory=list)
+
+    def norms(self, backbone: nn.Module) -> list[nn.Module]:
+        """The stage's BatchNorm modules as they are in `backbone` now."""
+        return [backbone.get_submodule(name) for name in self.norm_names]
 
 
 def _group_matcher(backbone: nn.Module) -> dict:
@@ -100,7 +109,7 @@ def backbone_stages(backbone: nn.Module) -> list[Stage]:
             pending_stem = []
         stage.params += [params[n] for n in names]
         owners = {n.rsplit(".", 1)[0] for n in names}
-        stage.norms += [modules[o] for o in sorted(owners) if isinstance(modules.get(o), _BATCHNORMS)]
+        stage.norm_names += [o for o in sorted(owners) if isinstance(modules.get(o), _BATCHNORMS)]
     return stages[::-1]
 
 
@@ -144,7 +153,7 @@ def trainable_stage_count(config: FinetuningConfig, num_stages: int, epoch: int)
     return sum(epoch >= at for at in config["unfreeze_at"])
 
 
-def apply(stages: list[Stage], trainable: int, train_bn: bool, training: bool = True) -> None:
+def apply(backbone: nn.Module, stages: list[Stage], trainable: int, train_bn: bool, training: bool = True) -> None:
     """Set requires_grad and BatchNorm modes for `trainable` stages counted from the head.
 
     `training` is the mode the rest of the model is in; frozen BatchNorm is in eval mode
@@ -154,7 +163,7 @@ def apply(stages: list[Stage], trainable: int, train_bn: bool, training: bool = 
         is_trainable = index < trainable
         for param in stage.params:
             param.requires_grad_(is_trainable)
-        for norm in stage.norms:
+        for norm in stage.norms(backbone):
             norm.train(training and (is_trainable or train_bn))
             if train_bn:
                 for param in norm.parameters():

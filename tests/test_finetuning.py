@@ -9,7 +9,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -29,7 +31,7 @@ def test_stages_partition_every_backbone(name):
     assert [s.name for s in stages] == expected
     ids = [id(p) for s in stages for p in s.params]
     assert len(ids) == len(set(ids)) == len(list(backbone.parameters()))
-    norms = [id(m) for s in stages for m in s.norms]
+    norms = [id(m) for s in stages for m in s.norms(backbone)]
     assert len(norms) == len(set(norms)) == sum(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
 
 
@@ -84,6 +86,49 @@ def test_gradual_unfreezes_one_stage_per_epoch(colour_folder, tmp_path):
     assert float(first["lr/head"]) > 0 and float(first["lr/layer4"]) == 0
     task.train()  # what Lightning or a user may call: frozen BatchNorm must stay in eval mode
     assert task.backbone.layer3[0].bn1.training is False and task.backbone.layer4[0].bn1.training is True
+
+
+class SyncBatchNormAsDDPDoes(Callback):
+    """`--trainer.sync_batchnorm true`: DDPStrategy.setup replaces every BatchNorm by a new
+    SyncBatchNorm (Lightning's TorchSyncBatchNorm) after the task was built and set up. DDP
+    refuses SyncBatchNorm on CPU, so convert the same way at fit start (one process: it then
+    normalises like BatchNorm), and record, per training batch, how many norms train."""
+
+    def __init__(self):
+        self.training_norms: dict[int, set[int]] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        TorchSyncBatchNorm().apply(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        norms = [m for m in pl_module.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert len(norms) == 20 and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+        self.training_norms.setdefault(trainer.current_epoch, set()).add(sum(m.training for m in norms))
+
+
+def test_frozen_sync_batchnorm_stays_in_eval_mode(colour_folder):
+    L.seed_everything(0)
+    dm, task = make(colour_folder, {"strategy": "frozen"})  # train_bn false: a linear probe
+    before = snapshot(task)
+    converted = SyncBatchNormAsDDPDoes()
+    trainer(2, limit_train_batches=2, limit_val_batches=1, callbacks=[converted]).fit(task, dm)
+    assert converted.training_norms == {0: {0}, 1: {0}}
+    assert not changed(before, task, "backbone.")  # running statistics untouched
+    task.train()  # Lightning's or a user's: the norms that run now must stay in eval mode too
+    assert not any(m.training for m in task.backbone.modules() if isinstance(m, nn.SyncBatchNorm))
+
+
+def test_sync_batchnorm_trains_from_its_unfreeze_epoch(colour_folder):
+    L.seed_everything(0)
+    dm, task = make(colour_folder, {"strategy": "freeze_then_unfreeze", "unfreeze_at": [1], "train_bn": False})
+    converted = SyncBatchNormAsDDPDoes()
+    fit = trainer(2, limit_train_batches=2, limit_val_batches=1, callbacks=[converted])
+    fit.fit(task, dm)
+    assert converted.training_norms == {0: {0}, 1: {20}}
+    before = snapshot(task)
+    task.train()
+    task(dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)["image"])  # the norms now running learn
+    assert "backbone.layer1.0.bn1.running_mean" in changed(before, task, "backbone.")
 
 
 def test_train_bn_keeps_frozen_batchnorm_learning(colour_folder):

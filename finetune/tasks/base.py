@@ -51,7 +51,7 @@ class FinetuneTask(L.LightningModule):
     def apply_finetuning(self, epoch: int) -> None:
         """Trainable stages for `epoch`: a pure function of it, so identical on every rank."""
         self.trainable_stages = ft.trainable_stage_count(self.finetuning, len(self.stages), epoch)
-        ft.apply(self.stages, self.trainable_stages, self.finetuning["train_bn"], self.training)
+        ft.apply(self.backbone, self.stages, self.trainable_stages, self.finetuning["train_bn"], self.training)
 
     def log_per_class(self, prefix: str, values) -> None:
         """`<prefix>/<class name>` scalars, for up to MAX_PER_CLASS_SCALARS classes."""
@@ -72,7 +72,7 @@ class FinetuneTask(L.LightningModule):
         # batch-statistics mode; re-assert the schedule's modes after it.
         super().train(mode)
         if getattr(self, "stages", None) is not None and self.trainable_stages >= 0:
-            ft.apply(self.stages, self.trainable_stages, self.finetuning["train_bn"], mode)
+            ft.apply(self.backbone, self.stages, self.trainable_stages, self.finetuning["train_bn"], mode)
         return self
 
     def setup(self, stage: str) -> None:
