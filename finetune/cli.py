@@ -145,7 +145,9 @@ class FinetuneCLI(LightningCLI):
         """Trainer.fit/validate/..., with a refused or unreadable checkpoint named in one line
         (torch's own message is a paragraph that does not say which file)."""
         config = self.config[self.subcommand]
-        apply_speed_settings(model, config.get("channels_last", False), config.get("compile", False))
+        apply_speed_settings(
+            model, config.get("channels_last", False), config.get("compile", False), kwargs.get("datamodule")
+        )
         try:
             method(model, **kwargs)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:

@@ -33,13 +33,16 @@ class NoProfiler(PassThroughProfiler):
         return _NOTHING
 
 
-def apply_speed_settings(model, channels_last: bool = False, compile: bool = False) -> None:
+def apply_speed_settings(model, channels_last: bool = False, compile: bool = False, datamodule=None) -> None:
     if channels_last:
-        # NHWC is what tensor cores read. Inputs are converted as they enter the backbone (a
-        # hook, not on_after_batch_transfer: Lightning runs only the DataModule's if both
-        # define it), so no conv pays a layout change.
+        # NHWC is what tensor cores read, so no conv pays a layout change. The DataModule
+        # converts its uint8 batches before normalising them (finetune.data.normalize): a
+        # quarter of the bytes of converting the float batch. The backbone hook converts inputs
+        # that come another way, and leaves a channels_last one as it is.
         model.to(memory_format=torch.channels_last)
         model.backbone.register_forward_pre_hook(_channels_last_input)
+        if datamodule is not None:
+            datamodule.channels_last = True
     if compile:
         # Module.compile() compiles in place: parameter names, and so checkpoints, stay the
         # same, unlike torch.compile(module), which wraps it in `_orig_mod`. The backbone is

@@ -155,7 +155,7 @@ def test_palette_masks_are_read_as_indices(tmp_path):
     dm = datamodule(tmp_path, val_fraction=0.5, seed=0, pad_multiple=1)
     dm.splits["val"] = [(str(tmp_path / "images" / "p.png"), str(mask_path))]
     batch = next(iter(dm.val_dataloader()))
-    assert batch["mask"].dtype == torch.long
+    assert batch["mask"].dtype == torch.uint8  # widened to int64 on the device (test_device_batches.py)
     assert np.array_equal(batch["mask"][0].numpy(), expected)
 
 
@@ -215,7 +215,7 @@ def test_training_crop_pads_small_images_with_ignore_index(tmp_path):
     loader.sampler.set_epoch(0)
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 3, 64, 64) and batch["mask"].shape == (2, 64, 64)
-    assert batch["mask"].dtype == torch.long
+    assert batch["mask"].dtype == torch.uint8
     for mask in batch["mask"]:
         # scale 1: the whole 40x56 mask survives (its 3 top rows are 255 already), the rest is padding
         labelled = (mask != 255).sum().item()

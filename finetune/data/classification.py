@@ -20,9 +20,9 @@ from finetune.data.checks import Screening, folder_report, log_report
 from finetune.data.crop_first import CropFirst
 from finetune.data.folder import FolderSplits, Sample, list_images, scan_image_folder
 from finetune.data.images import Shrink, read_rgb
-from finetune.data.loader import data_loader
+from finetune.data.loader import DataLoaderWorkers, data_loader
 from finetune.data.normalize import NormalizeOnDevice
-from finetune.data.sampling import default_num_workers, seeded_index
+from finetune.data.sampling import seeded_index
 from finetune.data.transforms import (
     CropShrink,
     ResizeShrink,
@@ -70,7 +70,7 @@ class ImageDataset(Dataset):
         return {"image": image, "label": label, "path": path, "index": index}
 
 
-class ImageFolderDataModule(NormalizeOnDevice, SkipBadImages, L.LightningDataModule):
+class ImageFolderDataModule(NormalizeOnDevice, SkipBadImages, DataLoaderWorkers, L.LightningDataModule):
     """Images in `root/<class>/*` or `root/{train,val[,test]}/<class>/*`.
 
     Classes are read here, at construction, so that the CLI can link `num_classes` and
@@ -109,7 +109,7 @@ class ImageFolderDataModule(NormalizeOnDevice, SkipBadImages, L.LightningDataMod
         self.std = tuple(std or pretrained["std"])
         self.crop_pct = crop_pct or pretrained["crop_pct"]
         self.interpolation = interpolation or pretrained["interpolation"]
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers
         log.info(
             "%s: %d classes, %d train / %d val / %d test images; input %dpx, mean %s, std %s",
             root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),

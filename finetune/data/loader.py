@@ -11,7 +11,7 @@ import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.data.sampling import train_sampler
+from finetune.data.sampling import default_num_workers, train_sampler
 
 
 def init_worker(worker_id: int) -> None:
@@ -45,6 +45,22 @@ def _end_leftover_workers() -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
+
+
+class DataLoaderWorkers:
+    """DataModule mixin: `num_workers` as configured, or (None) this process's share of the
+    CPUs, resolved when read: the trainer, attached after construction, says how many
+    processes share them."""
+
+    _num_workers: int | None = None
+
+    @property
+    def num_workers(self) -> int:
+        return default_num_workers(self.trainer) if self._num_workers is None else self._num_workers
+
+    @num_workers.setter
+    def num_workers(self, workers: int | None) -> None:
+        self._num_workers = workers
 
 
 def data_loader(datamodule, dataset: Dataset, shuffle: bool, collate_fn=None) -> DataLoader:

@@ -7,6 +7,7 @@ batch N*B, whatever worker loads an image.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -89,9 +90,44 @@ def _generators(transform) -> tuple[np.random.Generator, random.Random]:
     return pair
 
 
-def default_num_workers() -> int:
+MAX_WORKERS = 8
+
+
+def default_num_workers(trainer=None) -> int:
+    """DataLoader workers for this process: its share of the CPUs it may use, 1 to 8.
+
+    Every process (one per GPU) starts its own workers: 8 each from 8 processes on a 16-core
+    node would thrash. SLURM gives each task its own CPUs (`srun` with one task per GPU, as
+    Lightning runs under SLURM); torchrun's processes share the CPUs of the task that started
+    them.
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cpus)
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm_cpus and "LOCAL_WORLD_SIZE" not in os.environ:
+        share = min(cpus, int(slurm_cpus))
+        why = f"{share} CPUs for this SLURM task"
+    else:
+        cpus = min(cpus, int(slurm_cpus)) if slurm_cpus else cpus
+        processes = local_processes(trainer)
+        share = cpus // processes
+        why = f"{cpus} CPUs / {processes} process{'es' if processes > 1 else ''} on this node"
+    workers = max(1, min(MAX_WORKERS, share))
+    _log_once(f"{workers} DataLoader workers per process: {why}")
+    return workers
+
+
+def local_processes(trainer) -> int:
+    """Training processes on this node: torchrun says; else Lightning's, one per device."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    if trainer is not None and trainer.world_size > 1:
+        return trainer.num_devices
+    return 1
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def train_sampler(datamodule, dataset) -> EpochShuffleSampler:

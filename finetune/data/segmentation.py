@@ -23,9 +23,9 @@ from finetune.data.bad_images import (
 from finetune.data.checks import Screening, log_report, segmentation_report
 from finetune.data.folder import list_images
 from finetune.data.images import read_rgb
-from finetune.data.loader import data_loader
+from finetune.data.loader import DataLoaderWorkers, data_loader
 from finetune.data.normalize import NormalizeOnDevice
-from finetune.data.sampling import default_num_workers, seeded_index
+from finetune.data.sampling import seeded_index
 from finetune.data.segmentation_classes import read_class_list
 from finetune.data.segmentation_folder import (
     Pair,
@@ -83,7 +83,7 @@ def mean_colour(mean: tuple[float, ...]) -> tuple[int, ...]:
 
 
 class SegmentationDataset(Dataset):
-    """(image, mask) pairs -> {"image": CHW uint8 tensor, "mask": HW long tensor, "path": str}.
+    """(image, mask) pairs -> {"image": CHW uint8 tensor, "mask": HW uint8 tensor, "path": str}.
 
     Indexed by `(index, epoch)` (from EpochShuffleSampler) like the classification ImageDataset,
     so the same image gets the same crop in a resumed or a DDP run, whatever the worker.
@@ -108,7 +108,7 @@ class SegmentationDataset(Dataset):
         image_path, mask_path = self.pairs[index]
         mask = read_guarded(read_mask, mask_path, self.num_classes, self.ignore_index)
         out = self.transform(image=read_guarded(read_rgb, image_path), mask=mask)
-        return {"image": out["image"], "mask": out["mask"].long(), "path": image_path}
+        return {"image": out["image"], "mask": out["mask"], "path": image_path}
 
 
 class PredictImageDataset(Dataset):
@@ -134,8 +134,9 @@ class PadCollate:
 
     Rounding up lets the network's total stride divide the input; the mask padding is
     `ignore_index`, so padded pixels count in neither the loss nor the metrics, and the image
-    padding is `fill` (the mean colour for uint8 images). A class (not a lambda) so that it
-    pickles into spawned workers.
+    padding is `fill` (the mean colour for uint8 images). Masks stay uint8 (a PNG's class
+    indices, and ignore_index, are 0..255): an eighth of int64's bytes through the workers and
+    the copy to the device. A class (not a lambda) so that it pickles into spawned workers.
     """
 
     def __init__(self, multiple: int, ignore_index: int, fill: tuple[float, ...] = (0.0, 0.0, 0.0)):
@@ -152,7 +153,7 @@ class PadCollate:
             images[i, :, : it["image"].shape[-2], : it["image"].shape[-1]] = it["image"]
         batch = {"image": images, "path": [it["path"] for it in items]}
         if "mask" in items[0]:
-            masks = torch.full((len(items), height, width), self.ignore_index, dtype=torch.long)
+            masks = torch.full((len(items), height, width), self.ignore_index, dtype=torch.uint8)
             for i, it in enumerate(items):
                 masks[i, : it["mask"].shape[-2], : it["mask"].shape[-1]] = it["mask"]
             batch["mask"] = masks
@@ -169,7 +170,7 @@ class PadCollate:
 SMALLEST_SIDE = 16
 
 
-class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, L.LightningDataModule):
+class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, DataLoaderWorkers, L.LightningDataModule):
     """Images + class-index PNG masks in `root/{images,masks}` or `root/{train,val[,test]}/{images,masks}`.
 
     Masks match images by relative path and stem (`images/a/x.jpg` -> `masks/a/x.png`). Classes
@@ -213,7 +214,7 @@ class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, L.Lightning
         pretrained = data_config(backbone)
         self.mean = tuple(mean or pretrained["mean"])
         self.std = tuple(std or pretrained["std"])
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers
         log.info(
             "%s: %d classes, %d train / %d val / %d test images; crop %dpx, mean %s, std %s",
             root, self.num_classes, len(self.splits["train"]), len(self.splits["val"]), len(self.splits["test"]),
@@ -257,6 +258,14 @@ class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, L.Lightning
 
     def eval_transform(self) -> A.Compose:
         return seg_eval_transform(self.mean, self.std, normalize=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Normalised images, and the uint8 masks widened on the device to the int64 that
+        cross-entropy and the metrics take."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if isinstance(batch, dict) and isinstance(batch.get("mask"), torch.Tensor):
+            batch["mask"] = batch["mask"].long()
+        return batch
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return data_loader(self, dataset, shuffle, PadCollate(self.hparams.pad_multiple, self.ignore_index, mean_colour(self.mean)))

@@ -29,8 +29,12 @@ class ImagePooling(nn.Module):
         self.project = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = self.project(F.adaptive_avg_pool2d(x, 1))
-        return pooled.expand(-1, -1, x.shape[-2], x.shape[-1])
+        pooled = self.project(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, x.shape[-2], x.shape[-1])
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # ASPP's torch.cat returns NCHW if any input is not channels_last, and an expanded
+            # (zero-stride) map never is: the next conv would convert the whole concatenation back.
+            return pooled.contiguous(memory_format=torch.channels_last)
+        return pooled
 
 
 class ASPP(nn.Module):
