@@ -173,20 +173,3 @@ def apply(backbone: nn.Module, stages: list[Stage], trainable: int, train_bn: bo
 def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-
-def average_unmanaged_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """All-reduce gradients that DDP does not: of parameters unfrozen after it wrapped the model.
-
-    DDP registers only the parameters that required grad when it was built, so stages that
-    unfreeze later would otherwise train with each rank's own gradient and drift apart.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or world_size < 2:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-        offset += grad.numel()

@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 
-from finetune.data import ImageFolderDataModule
-from finetune.tasks import ClassificationTask
+from conftest import write_colour_images, write_shape_images
+from finetune.data import ImageFolderDataModule, SegmentationFolderDataModule
+from finetune.tasks import ClassificationTask, SegmentationTask
 
 
 class FixedBatchNormTask(ClassificationTask):
@@ -70,3 +71,58 @@ def test_two_ranks_match_one_process_across_unfreezing(colour_folder, tmp_path):
         torch.testing.assert_close(ddp_weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
     for key in ("val/acc", "val/f1", "val/loss", "train/loss_epoch"):
         assert abs(ddp_metrics[key] - single_metrics[key]) < 1e-4, (key, ddp_metrics[key], single_metrics[key])
+
+
+class KeepEvaluation(Callback):
+    """Rank 0 saves the validation metrics and the per-class tensors only callbacks can see."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            tensors = {name: getattr(pl_module, name, None) for name in ("confusion_matrix", "per_class_iou")}
+            metrics = {k: v.cpu() for k, v in trainer.callback_metrics.items()}
+            torch.save({**metrics, **{k: v for k, v in tensors.items() if v is not None}}, self.path)
+
+
+def validate(task, dm, devices: int, path) -> dict[str, torch.Tensor]:
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[KeepEvaluation(path)],
+    )
+    trainer.validate(task, dm)
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_evaluation(one: dict, two: dict) -> None:
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_two_ranks_evaluate_exactly_what_one_process_does(tmp_path):
+    """101 images on 2 ranks: the DistributedSampler pads rank 1 with a copy of image 0. It
+    must count once in accuracy, F1, the confusion matrix, mIoU, per-class IoU and the loss."""
+    root = tmp_path / "colours"
+    write_colour_images(root / "train", 2, seed=0, size=16)
+    write_colour_images(root / "val", 34, seed=1, size=16)
+    (root / "val" / "red" / "red_033.png").unlink()  # 101 = 34 + 34 + 33
+    dm = ImageFolderDataModule(str(root), backbone="resnet18", image_size=16, batch_size=16, num_workers=0)
+    assert len(dm.splits.val) == 101
+    L.seed_everything(0)
+    task = ClassificationTask(num_classes=3, class_names=dm.class_names, backbone="resnet18", pretrained=False)
+    one, two = (validate(task, dm, devices, tmp_path / f"classes{devices}.pt") for devices in (1, 2))
+    assert one["confusion_matrix"].sum() == 101 and "val/f1" in one and "val/acc_class/red" in one
+    assert_same_evaluation(one, two)
+
+    shapes = tmp_path / "shapes"
+    write_shape_images(shapes / "train", 2, seed=0, size=32)
+    write_shape_images(shapes / "val", 9, seed=1, size=32)
+    (shapes / "classes.yaml").write_text("- background\n- red\n- blue\n")
+    dm = SegmentationFolderDataModule(str(shapes), backbone="resnet18", crop_size=32, batch_size=2, num_workers=0)
+    L.seed_everything(0)
+    task = SegmentationTask(3, backbone="resnet18", pretrained=False, class_names=dm.class_names, aspp_channels=16)
+    one, two = (validate(task, dm, devices, tmp_path / f"masks{devices}.pt") for devices in (1, 2))
+    assert {"val/miou", "val/pixel_acc", "val/loss", "per_class_iou"} <= one.keys()
+    assert_same_evaluation(one, two)

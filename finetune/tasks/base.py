@@ -12,8 +12,10 @@ from functools import partial
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import Metric
 
 from finetune import finetuning as ft
+from finetune.distributed import PaddingCounter, average_gradients, check_strategy
 from finetune.optim import build_optimizer, build_scheduler, decay_split
 from finetune.tasks.running_means import RunningMeans
 from finetune.weights import check_checkpoint_matches, plain_hyperparameters
@@ -21,6 +23,10 @@ from finetune.weights import check_checkpoint_matches, plain_hyperparameters
 HEAD_STAGE = -1  # stage index of the head's optimizer groups: always trainable
 # Past this many classes per-class scalars flood the logger; W&B tables still have them.
 MAX_PER_CLASS_SCALARS = 32
+
+
+def _first(loaders):
+    return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
 
 
 class FinetuneTask(L.LightningModule):
@@ -47,6 +53,7 @@ class FinetuneTask(L.LightningModule):
         self.apply_finetuning(epoch=0)
         self._ddp_managed: set[int] = set()
         self._train_means: RunningMeans | None = None
+        self._padding = PaddingCounter()
 
     def apply_finetuning(self, epoch: int) -> None:
         """Trainable stages for `epoch`: a pure function of it, so identical on every rank."""
@@ -76,8 +83,13 @@ class FinetuneTask(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
+        # Fresh metric states in this process: ddp_spawn on CPU passes the model through shared
+        # memory, and Lightning un-shares parameters and buffers but not torchmetrics states,
+        # so every rank would add into the same tensors.
+        self.reset_metrics(*(m for m in self.modules() if isinstance(m, Metric)))
         # Runs before the strategy wraps the model in DDP: what is trainable now is what DDP
-        # will all-reduce. Stages unfrozen later are averaged by on_before_optimizer_step.
+        # will all-reduce. Stages unfrozen later are averaged in optimizer_step's closure.
         self._ddp_managed = {id(p) for p in self.parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -104,8 +116,10 @@ class FinetuneTask(L.LightningModule):
             self._train_means = RunningMeans(list(values))
         self._train_means.add(batch_size, values.values())
         if self.trainer._logger_connector.should_update_logs:
+            # Not prog_bar=True: Lightning converts every progress-bar tensor to a float after
+            # each batch, a host sync per step; finetune.callbacks.progress shows these instead.
             for name, mean in self._train_means.interval_means().items():
-                self.log(f"train/{name}_step", mean, prog_bar=name == "loss", on_step=True, on_epoch=False)
+                self.log(f"train/{name}_step", mean, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:
         if self._train_means is not None:
@@ -113,11 +127,42 @@ class FinetuneTask(L.LightningModule):
             for name, mean in self._train_means.epoch_means(reduce).items():
                 self.log(f"train/{name}_epoch", mean, prog_bar=name == "loss", on_step=False, on_epoch=True)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        world_size = self.trainer.world_size
-        if world_size > 1:
-            late = [p for p in self.parameters() if p.grad is not None and id(p) not in self._ddp_managed]
-            ft.average_unmanaged_gradients(late, world_size)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Under DDP, average the gradients of stages unfrozen after DDP wrapped the model right
+        after backward, inside the closure: before the AMP grad scaler checks each rank's
+        gradients for inf/NaN (ranks that disagreed would skip different steps and diverge),
+        before gradient clipping, and before any callback's on_before_optimizer_step."""
+        if self.trainer.world_size > 1 and optimizer_closure is not None:
+            optimizer_closure = partial(self._closure_then_average, optimizer_closure)
+        optimizer.step(closure=optimizer_closure)
+
+    def _closure_then_average(self, closure):
+        result = closure()  # forward and backward (with gradient accumulation: the last micro-batch)
+        late = [p for p in self.parameters() if p.grad is not None and id(p) not in self._ddp_managed]
+        average_gradients(late, self.trainer.world_size)
+        return result
+
+    # -- evaluation under DDP: padded duplicates left out ------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._padding = PaddingCounter(_first(self.trainer.val_dataloaders))
+
+    def on_test_epoch_start(self) -> None:
+        self._padding = PaddingCounter(_first(self.trainer.test_dataloaders))
+
+    def update_metrics(self, outputs: torch.Tensor, targets: torch.Tensor, loss, *metrics) -> None:
+        """Validation/test: update the `loss` mean (`self._loss`, weighted by samples) and
+        `metrics` with the batch's real samples. Under DDP the sampler repeats up to
+        world_size - 1 samples so that every rank gets as many; they are left out here, so N
+        processes compute exactly what one does."""
+        keep = self._padding.keep(len(targets))
+        if keep:
+            outputs, targets = outputs[:keep], targets[:keep]
+            # The batch mean once per sample, not weight=keep: MeanMetric(nan_strategy="disable")
+            # replaces weights by ones (torchmetrics #3434).
+            loss.update(self._loss(outputs, targets).expand(keep))
+            for metric in metrics:
+                metric.update(outputs, targets)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # `lr/<group>` on the steps the logger writes, as LearningRateMonitor does it (straight

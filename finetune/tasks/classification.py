@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from finetune.backbones import Pretrained, create_backbone
@@ -62,6 +62,11 @@ class ClassificationTask(FinetuneTask):
         self.setup_finetuning(finetuning)
         self.val_metrics = _summary_metrics(num_classes, "val/")
         self.test_metrics = _summary_metrics(num_classes, "test/")
+        # Torchmetrics, not self.log(value, batch_size=n): a rank whose batch is all DDP
+        # padding updates nothing and still joins the epoch-end sync ("disable": no NaN check,
+        # which would read the value on the host).
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
         self.val_per_class = MulticlassAccuracy(num_classes, average=None)
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion_matrix: torch.Tensor | None = None  # last validation's, for loggers
@@ -82,12 +87,9 @@ class ClassificationTask(FinetuneTask):
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
-        labels = batch["label"]
-        self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True, batch_size=len(labels))
-        self.val_metrics.update(logits, labels)
-        self.val_per_class.update(logits, labels)
-        self.val_confusion.update(logits, labels)
-        self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(labels))
+        self.update_metrics(logits, batch["label"], self.val_loss, self.val_metrics, self.val_per_class, self.val_confusion)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log_dict(self.val_metrics, prog_bar=True)
         return logits.argmax(dim=1)  # for callbacks that show predictions
 
     def on_validation_epoch_end(self) -> None:
@@ -97,11 +99,9 @@ class ClassificationTask(FinetuneTask):
         self.reset_metrics(self.val_per_class, self.val_confusion)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
-        n = len(logits)
-        self.log("test/loss", self._loss(logits, batch["label"]), sync_dist=True, batch_size=n)
-        self.test_metrics.update(logits, batch["label"])
-        self.log_dict(self.test_metrics, batch_size=n)
+        self.update_metrics(self(batch["image"]), batch["label"], self.test_loss, self.test_metrics)
+        self.log("test/loss", self.test_loss)
+        self.log_dict(self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"path": batch["path"], "probs": self(batch["image"]).softmax(dim=1)}

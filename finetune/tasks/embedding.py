@@ -85,7 +85,8 @@ class EmbeddingTask(FinetuneTask):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_outputs = []
+        super().on_validation_epoch_start()
+        self._val_outputs = []  # de-duplicated by dataset index at the end: DDP padding included
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._val_outputs.append((self(batch["image"]), batch["label"], batch["index"]))

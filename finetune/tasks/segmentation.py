@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from finetune.backbones import Pretrained, create_backbone
@@ -71,6 +72,9 @@ class SegmentationTask(FinetuneTask):
         self.val_pixel_acc = MulticlassAccuracy(**metric_args, average="micro")
         self.test_miou = MulticlassJaccardIndex(**metric_args, average="macro")
         self.test_pixel_acc = MulticlassAccuracy(**metric_args, average="micro")
+        # Image-weighted means of the per-batch loss, as torchmetrics: see ClassificationTask.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
         self.per_class_iou: torch.Tensor | None = None  # last validation's, for loggers
 
     def on_fit_start(self) -> None:
@@ -131,13 +135,10 @@ class SegmentationTask(FinetuneTask):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # log-probabilities: cross-entropy and argmax work on them as on logits, also after TTA.
         logits = self.evaluate(batch["image"]).clamp_min(1e-8).log()
-        masks = batch["mask"]
-        n = len(masks)
-        self.log("val/loss", self._loss(logits, masks), prog_bar=True, sync_dist=True, batch_size=n)
-        for metric in (self.val_miou, self.val_iou, self.val_pixel_acc):
-            metric.update(logits, masks)
-        self.log("val/miou", self.val_miou, prog_bar=True, batch_size=n)
-        self.log("val/pixel_acc", self.val_pixel_acc, batch_size=n)
+        self.update_metrics(logits, batch["mask"], self.val_loss, self.val_miou, self.val_iou, self.val_pixel_acc)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/miou", self.val_miou, prog_bar=True)
+        self.log("val/pixel_acc", self.val_pixel_acc)
         return logits.argmax(dim=1)  # for callbacks that show predictions
 
     def on_validation_epoch_end(self) -> None:
@@ -147,12 +148,10 @@ class SegmentationTask(FinetuneTask):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         logits = self.evaluate(batch["image"]).clamp_min(1e-8).log()
-        n = len(logits)
-        self.log("test/loss", self._loss(logits, batch["mask"]), sync_dist=True, batch_size=n)
-        self.test_miou.update(logits, batch["mask"])
-        self.test_pixel_acc.update(logits, batch["mask"])
-        self.log("test/miou", self.test_miou, batch_size=n)
-        self.log("test/pixel_acc", self.test_pixel_acc, batch_size=n)
+        self.update_metrics(logits, batch["mask"], self.test_loss, self.test_miou, self.test_pixel_acc)
+        self.log("test/loss", self.test_loss)
+        self.log("test/miou", self.test_miou)
+        self.log("test/pixel_acc", self.test_pixel_acc)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"path": batch["path"], "mask": self.evaluate(batch["image"]).argmax(dim=1), "size": batch.get("size")}
