@@ -4,13 +4,15 @@ also across unfreeze points, where DDP alone would leave late-unfrozen stages un
 from __future__ import annotations
 
 import json
+import math
 
 import lightning as L
 import torch
+from conftest import write_colour_images, write_shape_images
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from conftest import write_colour_images, write_shape_images
 from finetune.data import ImageFolderDataModule, SegmentationFolderDataModule
 from finetune.tasks import ClassificationTask, SegmentationTask
 
@@ -71,6 +73,60 @@ def test_two_ranks_match_one_process_across_unfreezing(colour_folder, tmp_path):
         torch.testing.assert_close(ddp_weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
     for key in ("val/acc", "val/f1", "val/loss", "train/loss_epoch"):
         assert abs(ddp_metrics[key] - single_metrics[key]) < 1e-4, (key, ddp_metrics[key], single_metrics[key])
+
+
+class InfOnOneRank(Callback):
+    """Rank 1 alone gets an inf gradient in layer4, which unfreezes at epoch 1, after DDP
+    wrapped the model (so DDP does not average it), on the first step of epoch 1. Every rank
+    records what callbacks see of that gradient, and saves its final state."""
+
+    def __init__(self, folder, at_step: int):
+        self.folder, self.at_step = folder, at_step
+        self.seen: list[float] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_rank == 1 and trainer.global_step == self.at_step:
+            pl_module.backbone.layer4[0].conv1.weight.grad.view(-1)[0] = math.inf
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grad = pl_module.backbone.layer4[0].conv1.weight.grad
+        self.seen.append(float("nan") if grad is None else grad.float().sum().item())
+
+    def on_train_end(self, trainer, pl_module):
+        # Parameters: BatchNorm statistics differ by design after the last step (DDP broadcasts
+        # rank 0's buffers at the start of each forward, each rank then updates its own).
+        weights = {name: p.detach() for name, p in pl_module.named_parameters()}
+        state = {"weights": weights, "scale": trainer.precision_plugin.scaler.get_scale(), "seen": self.seen}
+        torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_fp16_ranks_skip_an_inf_step_together_and_stay_identical(colour_folder, tmp_path):
+    """With fp16 the AMP grad scaler checks each rank's gradients for inf/NaN before stepping.
+    Gradients of late-unfrozen stages are averaged by the task, so that must happen before
+    the check: otherwise rank 1 skips the step while rank 0 steps with inf weights."""
+    L.seed_everything(0)
+    dm = ImageFolderDataModule(str(colour_folder), backbone="resnet18", image_size=16, batch_size=8, num_workers=0)
+    task = ClassificationTask(
+        num_classes=3, class_names=dm.class_names, backbone="resnet18", pretrained=False, optimizer="sgd", lr=0.01,
+        finetuning={"strategy": "gradual", "unfreeze_at": [1, 2, 3, 4]},
+    )
+    steps_per_epoch = 3  # 48 images, 2 ranks x 8
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # no overflow of its own at this scale
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],  # Lightning refuses "16-mixed" on CPU by name
+        callbacks=[InfOnOneRank(tmp_path, at_step=steps_per_epoch)],
+    )
+    trainer.fit(task, dm)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["scale"] == rank1["scale"] == 2.0**7  # both skipped the injected step, only it
+    seen0, seen1 = rank0["seen"], rank1["seen"]
+    assert len(seen0) == 2 * steps_per_epoch and math.isinf(seen0[steps_per_epoch])  # callbacks saw the average
+    torch.testing.assert_close(torch.tensor(seen0), torch.tensor(seen1), equal_nan=True)
+    for name, tensor in rank0["weights"].items():
+        assert torch.isfinite(tensor.float()).all(), name
+        torch.testing.assert_close(rank1["weights"][name], tensor, rtol=0, atol=0, msg=name)
 
 
 class KeepEvaluation(Callback):
