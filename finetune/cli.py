@@ -7,11 +7,15 @@ import os
 import pickle
 import sys
 from pathlib import Path
+from typing import Optional
 
 # Set before albumentations is imported anywhere: its update check goes to the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from finetune.callbacks.checkpoint import ModelCheckpoint  # noqa: E402
@@ -19,6 +23,9 @@ from finetune.callbacks.embedding import EmbeddingWriter  # noqa: E402
 from finetune.callbacks.interruption import Interruption  # noqa: E402
 from finetune.callbacks.nonfinite import NonFiniteGuard  # noqa: E402
 from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
+from finetune.callbacks.progress import ProgressBar  # noqa: E402
+from finetune.compile import CompiledGraphs  # noqa: E402
+from finetune.distributed import check_strategy  # noqa: E402
 from finetune.errors import (  # noqa: E402
     FinetuneError,
     UnsafeFileError,
@@ -75,6 +82,10 @@ class FinetuneCLI(LightningCLI):
         parser.add_argument("--channels_last", type=bool, default=False, help="NHWC memory format (faster convs on GPUs)")
         parser.add_argument("--compile", type=bool, default=False, help="torch.compile the backbone (in place)")
         parser.add_argument(
+            "--compile_backend", type=Optional[str], default=None,
+            help="torch.compile backend (default: inductor; eager or aot_eager to debug compilation)",
+        )
+        parser.add_argument(
             "--batch_size_find", type=bool, default=False,
             help="fit only: find the largest power-of-two batch size that fits (Lightning Tuner), then train with it",
         )
@@ -106,10 +117,31 @@ class FinetuneCLI(LightningCLI):
         # reads --ckpt_path's hyperparameters with weights_only=True whatever this says.
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True
+        accelerator = config.trainer.get("accelerator")
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise FinetuneError(
+                f"trainer.accelerator: {accelerator}, but this machine has no usable CUDA GPU (torch.cuda.is_available() "
+                "is False); pass --trainer.accelerator cpu (or auto), or check the driver and torch's CUDA build"
+            )
         ckpt_path = config.get("ckpt_path")
         local_file = ckpt_path and ckpt_path not in ("last", "best", "hpc") and ":" not in str(ckpt_path)
         if local_file and not Path(ckpt_path).is_file():
             raise FinetuneError(f"ckpt_path: {ckpt_path} is not a file; pass a .ckpt path, or `last` to resume")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The Trainer, with our progress bar by default, Lightning's refusals of trainer
+        settings (a strategy without its GPU or package, ...) as one line, and the strategy
+        checked against what the freeze/unfreeze schedule supports."""
+        config = (self.config_init.get(self.subcommand) if self.subcommand else self.config_init)["trainer"]
+        configured = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in configured):
+            kwargs.setdefault("callbacks", [*configured, ProgressBar()])
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:
+            raise FinetuneError(f"trainer: {str(err).strip().splitlines()[0]}") from err
+        check_strategy(trainer.strategy)
+        return trainer
 
     def fit(self, model, **kwargs) -> None:
         """`fit`, or with --lr_find (`finetune lr-find`) the LR range test instead."""
@@ -145,9 +177,12 @@ class FinetuneCLI(LightningCLI):
         """Trainer.fit/validate/..., with a refused or unreadable checkpoint named in one line
         (torch's own message is a paragraph that does not say which file)."""
         config = self.config[self.subcommand]
+        compile = config.get("compile", False)
         apply_speed_settings(
-            model, config.get("channels_last", False), config.get("compile", False), kwargs.get("datamodule")
+            model, config.get("channels_last", False), compile, kwargs.get("datamodule"), config.get("compile_backend"),
         )
+        if compile:
+            self.trainer.callbacks.append(CompiledGraphs())
         try:
             method(model, **kwargs)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:

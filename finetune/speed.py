@@ -1,8 +1,8 @@
 """Run-time speed settings: channels_last, torch.compile, Lightning's batch-size finder, and
 the CLI's default profiler.
 
-They are CLI-level options (`--channels_last`, `--compile`, `--batch_size_find`,
-`--trainer.profiler`), not model hyperparameters: a checkpoint trained with them loads and
+They are CLI-level options (`--channels_last`, `--compile`, `--compile_backend`,
+`--batch_size_find`, `--trainer.profiler`), not model hyperparameters: a checkpoint trained with them loads and
 runs without them.
 """
 
@@ -14,6 +14,8 @@ import logging
 import torch
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.tuner import Tuner
+
+from finetune.compile import compile_backbone
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,9 @@ class NoProfiler(PassThroughProfiler):
         return _NOTHING
 
 
-def apply_speed_settings(model, channels_last: bool = False, compile: bool = False, datamodule=None) -> None:
+def apply_speed_settings(
+    model, channels_last: bool = False, compile: bool = False, datamodule=None, compile_backend: str | None = None
+) -> None:
     if channels_last:
         # NHWC is what tensor cores read, so no conv pays a layout change. The DataModule
         # converts its uint8 batches before normalising them (finetune.data.normalize): a
@@ -44,11 +48,8 @@ def apply_speed_settings(model, channels_last: bool = False, compile: bool = Fal
         if datamodule is not None:
             datamodule.channels_last = True
     if compile:
-        # Module.compile() compiles in place: parameter names, and so checkpoints, stay the
-        # same, unlike torch.compile(module), which wraps it in `_orig_mod`. The backbone is
-        # where the time goes, in every task.
-        model.backbone.compile()
-        log.info("compiled the backbone with torch.compile (the first steps include compilation)")
+        # The backbone is where the time goes, in every task (finetune/compile.py).
+        compile_backbone(model, compile_backend)
 
 
 def _channels_last_input(module, args):

@@ -117,3 +117,33 @@ def test_weights_for_another_architecture(tensors, expected, colour_folder, tmp_
     torch.save(tensors, path)
     message = user_error(monkeypatch, capsys, "fit", colour_folder, tmp_path, "--model.weights", str(path))
     assert message == "model.weights: " + expected.format(path=path)
+
+
+def test_gpu_config_without_a_gpu(colour_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also true here; says so on a GPU machine
+    message = user_error(monkeypatch, capsys, "fit", colour_folder, tmp_path, "--trainer.accelerator", "gpu")
+    assert message.startswith("trainer.accelerator: gpu, but this machine has no usable CUDA GPU")
+    assert "--trainer.accelerator cpu" in message
+
+
+def test_strategy_lightning_refuses_is_one_line(colour_folder, tmp_path, monkeypatch, capsys):
+    # base_args ask for the CPU, where Lightning refuses FSDP; with a GPU check_strategy refuses it
+    message = user_error(monkeypatch, capsys, "fit", colour_folder, tmp_path, "--trainer.strategy", "fsdp")
+    assert message.startswith("trainer: The strategy `fsdp` requires a GPU accelerator")
+
+
+def test_strategies_the_schedule_cannot_run_under_fail_at_start():
+    """FSDP shards the parameters and DeepSpeed owns the gradients: the gradients of stages
+    unfrozen late would not be averaged across processes. One line, before any step."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from finetune.distributed import check_strategy
+    from finetune.errors import FinetuneError, user_message
+
+    check_strategy(DDPStrategy())
+    check_strategy(SingleDeviceStrategy("cpu"))
+    with pytest.raises(FinetuneError) as refused:
+        check_strategy(FSDPStrategy())
+    message = user_message(refused.value)
+    assert message.startswith("trainer.strategy: FSDPStrategy is not supported") and "ddp" in message
+    assert "\n" not in message

@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 
 from finetune.backbones import SUPPORTED_BACKBONES, create_backbone

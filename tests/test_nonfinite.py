@@ -73,9 +73,10 @@ def test_huge_learning_rate_is_one_line_naming_the_step_and_the_lr(colour_folder
     assert not list(run.glob("checkpoints/*.ckpt"))
 
 
-def fake_trainer(step: int) -> SimpleNamespace:
+def fake_trainer(step: int, logging_step: bool = False) -> SimpleNamespace:
     return SimpleNamespace(global_step=step, current_epoch=0, world_size=1, precision="32-true",
-                           checkpoint_callback=None, state=SimpleNamespace(fn="fit"))
+                           checkpoint_callback=None, state=SimpleNamespace(fn="fit"),
+                           _logger_connector=SimpleNamespace(should_update_logs=logging_step))
 
 
 def test_guard_reads_the_device_flag_only_every_n_steps(monkeypatch):
@@ -92,6 +93,18 @@ def test_guard_reads_the_device_flag_only_every_n_steps(monkeypatch):
     assert syncs == []
     with pytest.raises(NonFiniteLossError, match=r"^train/loss is nan at step 2 \(epoch 0, batch 1\)"):
         guard.on_train_batch_end(fake_trainer(4), module, {"loss": torch.tensor(0.5)}, None, 3)
+
+
+
+def test_guard_reads_the_flag_on_logging_steps(monkeypatch):
+    """The steps the loggers write wait for the GPU anyway: the guard checks there too, so with
+    the defaults (both 50) it adds no stall of its own."""
+    guard = NonFiniteGuard(check_every_n_steps=50)
+    guard.cpu_checks_every_step = False
+    module = torch.nn.Linear(1, 1)
+    guard.on_train_batch_end(fake_trainer(1), module, {"loss": torch.tensor(float("inf"))}, None, 0)
+    with pytest.raises(NonFiniteLossError, match=r"^train/loss is inf at step 1 \(epoch 0, batch 0\)"):
+        guard.on_train_batch_end(fake_trainer(2, logging_step=True), module, {"loss": torch.tensor(0.5)}, None, 1)
 
 
 def test_no_checkpoint_is_written_with_nan_weights():

@@ -60,6 +60,34 @@ def test_compiled_model_trains_and_keeps_its_parameter_names(colour_folder, tmp_
     assert list(task.state_dict()) == names  # checkpoints stay loadable without compile
 
 
+@pytest.mark.parametrize("strategy", ["none", "frozen", "freeze_then_unfreeze", "gradual"])
+def test_compiled_backbone_stays_compiled_through_every_schedule(colour_folder, tmp_path, monkeypatch, strategy):
+    """Every unfreeze recompiles (dynamo guards on requires_grad); `gradual` used to pass the
+    recompile limit in epoch 3 and run uncompiled from then on."""
+    import torch._dynamo
+
+    import finetune.tasks.classification as classification
+    from finetune.backbones import create_backbone
+    from finetune.compile import GRAPHS_PER_PHASE, CompiledGraphs, compile_backbone, schedule_phases
+
+    monkeypatch.setattr(
+        classification, "create_backbone", partial(create_backbone, layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8),
+    )
+    torch._dynamo.reset()
+    L.seed_everything(0)
+    schedule = {"strategy": strategy, "unfreeze_at": [1, 1, 2, 2] if strategy == "gradual" else [1]}
+    dm, task = tiny(colour_folder, finetuning=schedule)
+    dm.hparams.batch_size = 20  # train batches 20, 20, 8 and val 20, 4: shape changes recompile too
+    limit = compile_backbone(task, backend="eager")
+    graphs = CompiledGraphs()
+    fit = trainer(tmp_path, max_epochs=3, callbacks=[graphs])
+    fit.fit(task, dm)
+    assert graphs.uncompiled == 0, "the backbone fell back to eager"
+    assert schedule_phases(task) <= graphs.graphs <= limit and fit.callback_metrics["compile/graphs"] == graphs.graphs
+    if strategy == "gradual":  # 3 phases: more graphs than dynamo's default limit allows one function
+        assert graphs.graphs > GRAPHS_PER_PHASE
+
+
 def test_channels_last_weights_and_inputs_give_the_same_outputs(colour_folder, tmp_path):
     L.seed_everything(0)
     dm, task = tiny(colour_folder)
@@ -92,36 +120,53 @@ def test_batch_size_finder_doubles_from_the_configured_size(colour_folder, tmp_p
     assert cli.trainer.current_epoch == 1  # and then trained
 
 
-def test_training_steps_make_no_host_syncs(colour_folder, tmp_path):
-    """Our tasks' per-step code never reads a tensor back to the host (`.item()`, `float(t)`,
-    `.tolist()`): on a GPU each such read stalls the queue. Metrics update on the device and
-    compute at epoch end."""
-    syncs: list[str] = []
-    package = str(REPO / "finetune")
+# Optimizers keep their step counters on the CPU (unless capturable or fused), on GPUs too:
+# reading them is no sync. On CPU nothing tells them apart from device tensors, hence by name.
+CPU_RESIDENT = ("torch/optim/",)
 
-    def recording(original):
-        def read(self, *args, **kwargs):
-            import traceback
 
-            for frame in traceback.extract_stack()[:-1]:
-                if frame.filename.startswith(package):
-                    syncs.append(f"{Path(frame.filename).name}:{frame.lineno} {frame.line}")
-            return original(self, *args, **kwargs)
-        return read
+def test_steady_training_steps_make_no_host_syncs(colour_folder, tmp_path, monkeypatch):
+    """From the end of one training batch to the end of the next (the data fetch,
+    on_after_batch_transfer, forward, backward, the optimizer, our callbacks, the progress bar
+    and Lightning's own loop) nothing reads a tensor on the host except on the steps the
+    loggers write: on a GPU each read stalls the queue. HostSyncRecorder records the reads that
+    would sync (`.item()`, `float(t)`, `if t:`, `.cpu()`, boolean masks, `nonzero`)."""
+    from test_cli import small_run
 
-    patches = pytest.MonkeyPatch()
+    from finetune.callbacks.nonfinite import NonFiniteGuard
+    from finetune.callbacks.progress import ProgressBar
+    from finetune.host_syncs import HostSyncRecorder
 
-    class DuringSteps(Callback):
-        def on_train_batch_start(self, *args):
-            for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-                patches.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name)))
+    monkeypatch.setattr(NonFiniteGuard, "cpu_checks_every_step", False)  # as on a GPU: logging steps only
+    cli = create_cli(small_run(
+        colour_folder, tmp_path, "--data.batch_size", "4", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "4",
+        "--trainer.enable_progress_bar", "true", "--trainer.logger", "false",
+    ), run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, ProgressBar)
+    recorder = HostSyncRecorder(ignore=CPU_RESIDENT)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert recorder.steps >= 8  # 2 epochs of 12 steps, less logging steps, their neighbours, epoch ends
+    assert not recorder.syncs, "host syncs in training steps:\n" + "\n".join(sorted(set(recorder.syncs)))
 
-        def on_train_batch_end(self, *args):
-            patches.undo()
 
-    dm, task = tiny(colour_folder)
-    trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[DuringSteps()]).fit(task, dm)
-    assert not syncs, "host syncs in training steps:\n" + "\n".join(sorted(set(syncs)))
+def test_host_sync_recorder_finds_a_sync(colour_folder, tmp_path):
+    """The recorder itself: a loss read on the host in every step is found, with its line."""
+
+    class ReadsTheLoss(ClassificationTask):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.last_loss = loss.item()
+            return loss
+
+    from finetune.host_syncs import HostSyncRecorder
+
+    dm, _ = tiny(colour_folder)
+    task = ReadsTheLoss(num_classes=dm.num_classes, class_names=dm.class_names, backbone="resnet18", pretrained=False)
+    recorder = HostSyncRecorder(ignore=CPU_RESIDENT)
+    trainer(tmp_path, max_epochs=1, limit_val_batches=0, log_every_n_steps=50, callbacks=[recorder]).fit(task, dm)
+    assert recorder.steps == 1 and recorder.syncs == ["tests/test_speed.py:{} self.last_loss = loss.item()".format(
+        ReadsTheLoss.training_step.__code__.co_firstlineno + 2)]
 
 
 def test_fast_hook_name_attribute_keeps_module_semantics(colour_folder, tmp_path):

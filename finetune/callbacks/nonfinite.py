@@ -5,9 +5,10 @@ Reading the loss on the host every step (`loss.item()`, or a callback's
 pipeline the data loader and the CUDA queue work to keep full. Lightning's
 `detect_anomaly` is worse (autograd anomaly mode, several times slower). So the guard keeps
 its flag on the device: each step adds one tiny kernel that records the first non-finite
-loss of the window, with no sync; the host reads the flag every `check_every_n_steps` steps
-(every step on CPU, where reading costs nothing), at validation and epoch ends, and always
-before a checkpoint is written. The trade-off: on a GPU, training may run up to N steps past
+loss of the window, with no sync; the host reads the flag on the steps the loggers write
+(which wait for the GPU anyway) and at least every `check_every_n_steps` steps (every step on
+CPU, where reading costs nothing), at validation and epoch ends, and always before a
+checkpoint is written. The trade-off: on a GPU, training may run up to N steps past
 the bad one before it stops. Those steps are lost anyway, and no checkpoint is saved in
 between, so last.ckpt and best-*.ckpt keep the last good weights.
 """
@@ -65,7 +66,8 @@ class NonFiniteGuard(Callback):
         # The optimizer step of this batch is done: global_step already counts it.
         self._steps.append((trainer.global_step, trainer.current_epoch, batch_idx))
         every = 1 if loss.device.type == "cpu" and self.cpu_checks_every_step else self.check_every_n_steps
-        if len(self._steps) >= every:
+        # Logging steps read metrics on the host anyway: checking there adds no stall of its own.
+        if len(self._steps) >= every or trainer._logger_connector.should_update_logs:
             self.check(trainer, pl_module, batch=batch)
 
     def on_validation_start(self, trainer, pl_module) -> None:
