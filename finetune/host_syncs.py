@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
+from finetune.lightning_internals import is_logging_step
+
 _READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "nonzero")
 _HERE = str(Path(__file__))
 
@@ -66,7 +68,7 @@ class HostSyncRecorder(Callback):
     # -- windows ------------------------------------------------------------------------------
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        logging_step = trainer._logger_connector.should_update_logs  # this step writes its logs
+        logging_step = is_logging_step(trainer)  # this step writes its logs
         if self._window is not None:
             window = self._stop()
             if not (logging_step or self._opened_on_logging_step):

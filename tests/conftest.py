@@ -93,3 +93,16 @@ def identity_folder(tmp_path_factory) -> Path:
     write_identities(root / "train", [f"id{i:02d}" for i in range(40)], 6, seed=0)
     write_identities(root / "val", [f"held{i:02d}" for i in range(15)], 6, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def one_process_weights(colour_folder, tmp_path_factory) -> dict:
+    """What `finetune fit` on 1 process with the global batch of the 2-process runs
+    (tests/launch.py) ends with: the weights every multi-process run must reach."""
+    from launch import fit_args
+
+    from finetune.cli import create_cli
+
+    cli = create_cli(["fit", *fit_args(colour_folder, tmp_path_factory.mktemp("one_process"), 16)])
+    assert cli.trainer.global_step == 12  # 4 epochs of 48 images in batches of 16
+    return {k: v.clone() for k, v in cli.model.state_dict().items()}

@@ -1,5 +1,7 @@
 """DDP on 2 CPU processes (gloo) computes what 1 process computes with the same global batch,
-also across unfreeze points, where DDP alone would leave late-unfrozen stages unsynchronised."""
+also across unfreeze points, where DDP alone would leave late-unfrozen stages unsynchronised;
+evaluates exactly what 1 process does on data that does not divide by 2; and keeps replicas
+identical when fp16's grad scaler skips a step on one of them."""
 
 from __future__ import annotations
 
@@ -9,23 +11,12 @@ import math
 import lightning as L
 import torch
 from conftest import write_colour_images, write_shape_images
+from launch import FixedBatchNormTask
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins import MixedPrecision
-from torch import nn
 
 from finetune.data import ImageFolderDataModule, SegmentationFolderDataModule
 from finetune.tasks import ClassificationTask, SegmentationTask
-
-
-class FixedBatchNormTask(ClassificationTask):
-    """BatchNorm statistics fixed: per-rank batch statistics (no SyncBN on CPU) would
-    otherwise make 2x8 differ from 1x16 by design, hiding what this test checks."""
-
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        for module in self.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
 
 
 class RecordTrainable(Callback):

@@ -8,8 +8,16 @@ makes every later `fit` resume by itself. A KeyboardInterrupt lands wherever Pyt
 inside an optimizer step, and Lightning exits with status 1. A checkpoint taken mid-epoch
 restarts that epoch's data from its first batch ("your dataloader is not resumable").
 
+Under DDP, Lightning 2.6 also broadcasts a SIGTERM flag from rank 0 before every batch (a
+host sync per step), and its signal handler runs a collective itself: ranks signalled at
+different moments can pair the wrong collectives and hang.
+
 This callback, always on in the CLI:
 - turns the first Ctrl+C into that same SIGTERM path (a second Ctrl+C quits at once);
+- under DDP, replaces Lightning's SIGTERM handler by one that only notes the signal; every
+  `check_every_n_steps` training steps the ranks agree, over a CPU (gloo) all-reduce that
+  does not wait for the GPU, whether any of them was signalled, so all stop after the same
+  batch, whether the signal reached one process or the whole process group;
 - on `SIGTERMException` saves last.ckpt through our ModelCheckpoint, so `--ckpt_path last`
   finds it, says so, and exits with 128 + signal (143 for SIGTERM, 130 for Ctrl+C), no
   traceback;
@@ -25,10 +33,13 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from finetune.callbacks.nonfinite import NonFiniteLossError, check_before_saving
+from finetune.lightning_internals import request_stop, skip_sigterm_broadcast
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +71,43 @@ class Interruption(Callback):
 
     handle_sigint: the first Ctrl+C finishes the batch, saves and exits like SIGTERM; false
         leaves Ctrl+C to Lightning (stop at once, no checkpoint).
+    check_every_n_steps: under DDP, how often the ranks agree on stopping (a CPU all-reduce of
+        one number, no GPU sync); a signal stops training at most this many steps later.
     """
 
-    def __init__(self, handle_sigint: bool = True) -> None:
+    def __init__(self, handle_sigint: bool = True, check_every_n_steps: int = 1) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"interruption.check_every_n_steps: {check_every_n_steps} must be at least 1")
         self.handle_sigint = handle_sigint
+        self.check_every_n_steps = check_every_n_steps
         self.resume_position: tuple[int, int] | None = None
-        self._signal: int | None = None
+        self._signal: int | None = None  # the signal this process received (SIGINT or SIGTERM)
         self._pid: int | None = None
         self._previous_sigint = None
+        self._trainer = None
+        self._group = None  # process group of the stop agreement
 
     # -- signals ---------------------------------------------------------------------------
 
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
     def on_train_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def _install(self, trainer) -> None:
         # After Lightning registered its SIGTERM handler (it restores every handler it saw
         # then at teardown, so ours must come later). Forked DataLoader workers may inherit
-        # it; they ignore stop signals anyway (finetune/data/sampling.py).
-        if self.handle_sigint and threading.current_thread() is threading.main_thread():
-            self._signal, self._pid = None, os.getpid()
+        # them; they ignore stop signals anyway (finetune/data/loader.py).
+        if threading.current_thread() is not threading.main_thread() or self._trainer is trainer:
+            return
+        self._trainer, self._signal, self._pid = trainer, None, os.getpid()
+        if self.handle_sigint:
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        if trainer.world_size > 1:
+            skip_sigterm_broadcast(trainer)
+            self._group = _agreement_group()
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigint(self, signum, frame) -> None:
         if os.getpid() != self._pid:
@@ -87,8 +117,25 @@ class Interruption(Callback):
             self._restore_sigint()
             raise KeyboardInterrupt
         self._signal = signal.SIGINT
-        print("\nCtrl+C: stopping after this batch and saving last.ckpt (Ctrl+C again to quit at once)", flush=True)
-        signal.raise_signal(signal.SIGTERM)  # Lightning's handler: the loops stop at the batch end
+        if self._trainer is None or self._trainer.is_global_zero:
+            print("\nCtrl+C: stopping after this batch and saving last.ckpt (Ctrl+C again to quit at once)", flush=True)
+        signal.raise_signal(signal.SIGTERM)  # the SIGTERM path: Lightning's handler, or ours under DDP
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """Under DDP: note the signal, nothing else: no collective in a signal handler, and no
+        need to pass it on (Lightning does): the next agreement tells every rank."""
+        if os.getpid() == self._pid:
+            self._signal = self._signal or signal.SIGTERM  # after a Ctrl+C, still Ctrl+C
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # A step number every rank shares: all of them take part in the same all-reduce.
+        if trainer.world_size > 1 and trainer.global_step % self.check_every_n_steps == 0:
+            agreed = torch.tensor([self._signal or 0], dtype=torch.int32)  # a CPU tensor: no GPU sync
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._group)
+            signum = int(agreed[0])  # on the CPU: no GPU sync
+            if signum:
+                self._signal = self._signal or signum  # the exit status of a rank nobody signalled
+                request_stop(trainer)  # every rank raises at the end of this same batch
 
     def _restore_sigint(self) -> None:
         if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
@@ -97,6 +144,7 @@ class Interruption(Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_sigint()
+        self._trainer = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_sigint()
@@ -126,6 +174,14 @@ class Interruption(Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         position = checkpoint.get(POSITION_KEY)
         self.resume_position = tuple(position) if position else None
+
+
+def _agreement_group():
+    """The default group if it runs on the CPU (gloo), else a gloo group beside NCCL: a CPU
+    tensor all-reduce then needs no GPU work and waits for no queued kernel."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def save_interrupted(trainer) -> str:

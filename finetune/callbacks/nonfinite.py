@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import Callback
 
 from finetune.errors import FinetuneError
+from finetune.lightning_internals import is_logging_step
 
 
 class NonFiniteLossError(FinetuneError, RuntimeError):
@@ -67,7 +68,7 @@ class NonFiniteGuard(Callback):
         self._steps.append((trainer.global_step, trainer.current_epoch, batch_idx))
         every = 1 if loss.device.type == "cpu" and self.cpu_checks_every_step else self.check_every_n_steps
         # Logging steps read metrics on the host anyway: checking there adds no stall of its own.
-        if len(self._steps) >= every or trainer._logger_connector.should_update_logs:
+        if len(self._steps) >= every or is_logging_step(trainer):
             self.check(trainer, pl_module, batch=batch)
 
     def on_validation_start(self, trainer, pl_module) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import RichProgressBar
 
+from finetune.lightning_internals import is_logging_step
+
 
 class ProgressBar(RichProgressBar):
     """Lightning's Rich progress bar (the CLI's default), plus the training step metrics
@@ -19,7 +21,7 @@ class ProgressBar(RichProgressBar):
         self._step_metrics: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer._logger_connector.should_update_logs:  # this step's values were just logged
+        if is_logging_step(trainer):  # this step's values were just logged
             logged = trainer.logged_metrics
             self._step_metrics = {k: float(v) for k, v in logged.items() if k.startswith("train/") and k.endswith("_step")}
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

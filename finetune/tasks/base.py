@@ -16,6 +16,7 @@ from torchmetrics import Metric
 
 from finetune import finetuning as ft
 from finetune.distributed import PaddingCounter, average_gradients, check_strategy
+from finetune.lightning_internals import is_logging_step, log_now
 from finetune.optim import build_optimizer, build_scheduler, decay_split
 from finetune.tasks.running_means import RunningMeans
 from finetune.weights import check_checkpoint_matches, plain_hyperparameters
@@ -99,9 +100,16 @@ class FinetuneTask(L.LightningModule):
         # Another backbone or class count: one line, before load_state_dict's size-mismatch wall.
         check_checkpoint_matches(self.hparams, checkpoint, self._trainer.ckpt_path if self._trainer else None)
 
+    def on_train_start(self) -> None:
+        # Lightning 2.6 skips on_train_epoch_start when it resumes mid-epoch: without this, a
+        # run resumed inside an unfreeze epoch would train that epoch with the construction's
+        # (epoch 0) trainable stages.
+        self.apply_finetuning(self.current_epoch)
+
     def on_train_epoch_start(self) -> None:
         self.apply_finetuning(self.current_epoch)
-        self.log("train/trainable_params", float(ft.count_trainable(self)), on_step=False, on_epoch=True)
+        # sync_dist on values equal on every rank: a no-op, but Lightning warns without it under DDP.
+        self.log("train/trainable_params", float(ft.count_trainable(self)), on_step=False, on_epoch=True, sync_dist=True)
         self._train_means = None
 
     def log_training(self, batch_size: int, **values: torch.Tensor) -> None:
@@ -115,7 +123,7 @@ class FinetuneTask(L.LightningModule):
         if self._train_means is None:
             self._train_means = RunningMeans(list(values))
         self._train_means.add(batch_size, values.values())
-        if self.trainer._logger_connector.should_update_logs:
+        if is_logging_step(self.trainer):
             # Not prog_bar=True: Lightning converts every progress-bar tensor to a float after
             # each batch, a host sync per step; finetune.callbacks.progress shows these instead.
             for name, mean in self._train_means.interval_means().items():
@@ -125,7 +133,7 @@ class FinetuneTask(L.LightningModule):
         if self._train_means is not None:
             reduce = partial(self.trainer.strategy.reduce, reduce_op="sum")  # exact means over all ranks
             for name, mean in self._train_means.epoch_means(reduce).items():
-                self.log(f"train/{name}_epoch", mean, prog_bar=name == "loss", on_step=False, on_epoch=True)
+                self.log(f"train/{name}_epoch", mean, prog_bar=name == "loss", on_step=False, on_epoch=True, sync_dist=True)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Under DDP, average the gradients of stages unfrozen after DDP wrapped the model right
@@ -169,14 +177,13 @@ class FinetuneTask(L.LightningModule):
         # to the loggers: through self.log, a dozen values would cost ~0.6 ms each, and would sit
         # in Lightning's results for every later step of the epoch), but a frozen group's
         # effective LR is 0, and without a logger (`--trainer.logger false`) it is simply off.
-        connector = self.trainer._logger_connector
-        if not self.loggers or not connector.should_update_logs:
+        if not self.loggers or not is_logging_step(self.trainer):
             return
         rates = {}
         for group in self.optimizers().optimizer.param_groups:
             frozen = group["stage"] != HEAD_STAGE and group["stage"] >= self.trainable_stages
             rates[f"lr/{group['name']}"] = 0.0 if frozen else group["lr"]
-        connector.log_metrics(rates)
+        log_now(self.trainer, rates)
 
     def param_groups(self) -> list[dict]:
         """The head at `lr`, then each backbone stage at `lr * multiplier`: all from step one."""
