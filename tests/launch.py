@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 
+from finetune.callbacks.nonfinite import NonFiniteGuard
+from finetune.host_syncs import HostSyncRecorder
 from finetune.tasks import ClassificationTask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,3 +107,34 @@ class SignalGroupAt(Callback):
     @staticmethod
     def arg(step: int, signum: int = int(signal.SIGTERM)) -> str:
         return "--trainer.callbacks+=" + json.dumps({"class_path": "launch.SignalGroupAt", "init_args": {"step": step, "signum": signum}})
+
+
+class SyncsToFile(HostSyncRecorder):
+    """HostSyncRecorder that writes what each rank found to `folder/syncs-rank<r>.json`. The
+    NaN guard reads its flag on logging steps only, as on a GPU (on CPU it reads every step)."""
+
+    def __init__(self, folder: str, ignore: tuple[str, ...] = ()):
+        super().__init__(ignore=ignore)
+        self.folder = Path(folder)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        NonFiniteGuard.cpu_checks_every_step = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        record = {"steps": self.steps, "syncs": self.syncs}
+        (self.folder / f"syncs-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+    @staticmethod
+    def arg(folder: Path, ignore: tuple[str, ...]) -> str:
+        init = {"folder": str(folder), "ignore": list(ignore)}
+        return "--trainer.callbacks+=" + json.dumps({"class_path": "launch.SyncsToFile", "init_args": init})
+
+
+def torchrun_node(node_rank: int, nodes: int, port: int, *finetune_args: str) -> list[str]:
+    """One node of a torchrun job on this machine: 1 process a node, rendezvous on 127.0.0.1."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", "1",
+        "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+        FINETUNE, "fit", *finetune_args,
+    ]

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch import Callback
 
 from finetune.cli import create_cli
 from finetune.data.classification import ImageFolderDataModule
