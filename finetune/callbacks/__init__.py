@@ -11,12 +11,14 @@ if TYPE_CHECKING:
     from finetune.callbacks.embedding import EmbeddingWriter, WandbEmbeddingLogger
     from finetune.callbacks.media import WandbMediaLogger
     from finetune.callbacks.predictions import PredictionCSVWriter
+    from finetune.callbacks.progress import ProgressBar
     from finetune.callbacks.segmentation import SegmentationMaskWriter, WandbMaskLogger
 
 _MODULES = {
     "EmbeddingWriter": "finetune.callbacks.embedding",
     "ModelCheckpoint": "finetune.callbacks.checkpoint",
     "PredictionCSVWriter": "finetune.callbacks.predictions",
+    "ProgressBar": "finetune.callbacks.progress",
     "SegmentationMaskWriter": "finetune.callbacks.segmentation",
     "WandbEmbeddingLogger": "finetune.callbacks.embedding",
     "WandbMaskLogger": "finetune.callbacks.segmentation",
@@ -36,6 +38,7 @@ __all__ = [
     "GradientFlow",
     "ModelCheckpoint",
     "PredictionCSVWriter",
+    "ProgressBar",
     "SegmentationMaskWriter",
     "WandbEmbeddingLogger",
     "WandbMaskLogger",
