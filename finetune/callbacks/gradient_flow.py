@@ -123,6 +123,7 @@ class GradientFlow(Callback):
         self.history: list[dict[str, float]] = []
         self._blocks: list[tuple[str, nn.Module]] | None = None
         self._probe: ActivationGradients | None = None
+        self._activations: dict[str, float] | None = None  # of the sampled step, until its optimizer step
         self._sampled_step = -1
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -139,15 +140,23 @@ class GradientFlow(Callback):
         self._probe = ActivationGradients(self._blocks)
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        if self._probe is None:
+        if self._probe is not None:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16: gradients of the scaled loss
+            self._activations = self._activation_metrics(1.0 / scaler.get_scale() if scaler is not None else 1.0)
+            self._remove_probe()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Parameter gradients here, not after backward: unscaled (fp16) and, for stages that
+        # unfroze after DDP wrapped the model, averaged over the ranks (FinetuneTask.optimizer_step).
+        if self._activations is None:
             return
-        metrics = self._metrics()
-        self._remove_probe()
+        metrics = {**self._parameter_metrics(), **self._activations}
+        self._activations = None
         self.history.append({"step": trainer.global_step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _metrics(self) -> dict[str, float]:
+    def _parameter_metrics(self) -> dict[str, float]:
         p = self.prefix
         metrics: dict[str, float] = {}
         stage_squares: dict[str, float] = {}
@@ -158,13 +167,18 @@ class GradientFlow(Callback):
                 stage = stage_of(name)
                 stage_squares[stage] = stage_squares.get(stage, 0.0) + norm.item() ** 2
         metrics.update({f"{p}/param_grad_norm/{stage}": total ** 0.5 for stage, total in stage_squares.items()})
+        return metrics
+
+    def _activation_metrics(self, unscale: float) -> dict[str, float]:
+        p = self.prefix
+        metrics: dict[str, float] = {}
         norms = self._probe.norms
         if OUTPUT in norms:
-            metrics[f"{p}/output_grad_norm"] = norms[OUTPUT].item()
+            metrics[f"{p}/output_grad_norm"] = norms[OUTPUT].item() * unscale
         ratios = self._probe.ratios()
         for name, _ in self._blocks:
             if name in norms:
-                metrics[f"{p}/input_grad_norm/{name}"] = norms[name].item()
+                metrics[f"{p}/input_grad_norm/{name}"] = norms[name].item() * unscale
             if name in ratios:
                 metrics[f"{p}/input_grad_ratio/{name}"] = ratios[name]
         first = next((ratios[name] for name, _ in self._blocks if name in ratios), None)
