@@ -1,6 +1,7 @@
 """Freeze/unfreeze schedules and discriminative learning rates over a backbone's own stages.
 
-Design (see ../shared/PITFALLS.md for what Lightning's BackboneFinetuning gets wrong):
+Design (Lightning's BackboneFinetuning breaks resume by adding optimizer groups mid-run,
+pytorch-lightning #6891, #8502, and its `freeze(train_bn=False)` leaves BatchNorm in train mode, #15062):
 - Every stage is in the optimizer from the first step, with its LR multiplier. Freezing is
   `requires_grad=False`: a frozen parameter gets no gradient, so no optimizer (SGD, AdamW)
   touches it, while the optimizer's groups, and so any LR scheduler and any resume, see one
