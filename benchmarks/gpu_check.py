@@ -293,8 +293,7 @@ def fit(task: Task, data: Path, run_dir: Path, setup: Setup, compile: bool = Fal
         # timed from the end of the first logging step: past cuDNN's, the allocator's and compile's warmup
         {"class_path": f"{__name__}.StepClock", "init_args": {"start": log_every - 1, "stop": steps - 1}},
         {"class_path": "finetune.host_syncs.HostSyncRecorder", "init_args": {
-            "warmup_steps": 10 if compile and not setup.dry else 1,  # inductor may compile again in step 2
-            "ignore": ["torch/optim/"]}},  # CPU mode only: optimizers' step counts live on the CPU, on a GPU too
+            "warmup_steps": 10 if compile and not setup.dry else 1}},  # inductor may compile again in step 2
     ]
     speed = ["--compile", "true"] + (["--compile_backend", "eager"] if setup.dry else []) if compile else []
     args = [

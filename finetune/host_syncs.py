@@ -24,6 +24,11 @@ from lightning.pytorch import Callback
 
 from finetune.lightning_internals import is_logging_step
 
+# Reads of tensors that stay on the CPU when training on a GPU, so no sync there either; on a
+# CPU nothing tells them from device tensors, so they are known by where they are read:
+# optimizers' step counters (unless capturable or fused), and the DDP ranks' agreement on
+# stopping (a CPU tensor all-reduced over gloo, finetune/callbacks/interruption.py).
+CPU_RESIDENT = ("torch/optim/", "int(agreed[0])")
 _READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "nonzero")
 _HERE = str(Path(__file__))
 
@@ -47,14 +52,14 @@ class HostSyncRecorder(Callback):
     """Records host syncs in training steps that should have none.
 
     warmup_steps: steps to leave out first (cuDNN autotuning, compilation, allocator growth).
-    ignore: substrings of locations that are not syncs on a GPU either, for the CPU mode only
-        (e.g. "torch/optim/": optimizers keep their step counters on the CPU).
+    ignore: substrings of locations that are not syncs on a GPU either, for the CPU mode
+        only (default: CPU_RESIDENT).
 
     After training, `syncs` lists one `path:line code` per sync and `steps` counts the steps
     watched.
     """
 
-    def __init__(self, warmup_steps: int = 1, ignore: tuple[str, ...] = ()):
+    def __init__(self, warmup_steps: int = 1, ignore: tuple[str, ...] = CPU_RESIDENT):
         self.warmup_steps = warmup_steps
         self.ignore = ignore
         self.syncs: list[str] = []

@@ -113,8 +113,8 @@ class SyncsToFile(HostSyncRecorder):
     """HostSyncRecorder that writes what each rank found to `folder/syncs-rank<r>.json`. The
     NaN guard reads its flag on logging steps only, as on a GPU (on CPU it reads every step)."""
 
-    def __init__(self, folder: str, ignore: tuple[str, ...] = ()):
-        super().__init__(ignore=ignore)
+    def __init__(self, folder: str):
+        super().__init__()
         self.folder = Path(folder)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -126,9 +126,8 @@ class SyncsToFile(HostSyncRecorder):
         (self.folder / f"syncs-rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
     @staticmethod
-    def arg(folder: Path, ignore: tuple[str, ...]) -> str:
-        init = {"folder": str(folder), "ignore": list(ignore)}
-        return "--trainer.callbacks+=" + json.dumps({"class_path": "launch.SyncsToFile", "init_args": init})
+    def arg(folder: Path) -> str:
+        return "--trainer.callbacks+=" + json.dumps({"class_path": "launch.SyncsToFile", "init_args": {"folder": str(folder)}})
 
 
 def torchrun_node(node_rank: int, nodes: int, port: int, *finetune_args: str) -> list[str]:

@@ -119,11 +119,6 @@ def test_batch_size_finder_doubles_from_the_configured_size(colour_folder, tmp_p
     assert cli.trainer.current_epoch == 1  # and then trained
 
 
-# Optimizers keep their step counters on the CPU (unless capturable or fused), on GPUs too:
-# reading them is no sync. On CPU nothing tells them apart from device tensors, hence by name.
-CPU_RESIDENT = ("torch/optim/",)
-
-
 def test_steady_training_steps_make_no_host_syncs(colour_folder, tmp_path, monkeypatch):
     """From the end of one training batch to the end of the next (the data fetch,
     on_after_batch_transfer, forward, backward, the optimizer, our callbacks, the progress bar
@@ -142,7 +137,7 @@ def test_steady_training_steps_make_no_host_syncs(colour_folder, tmp_path, monke
         "--trainer.enable_progress_bar", "true", "--trainer.logger", "false",
     ), run=False)
     assert isinstance(cli.trainer.progress_bar_callback, ProgressBar)
-    recorder = HostSyncRecorder(ignore=CPU_RESIDENT)
+    recorder = HostSyncRecorder()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, cli.datamodule)
     assert recorder.steps >= 8  # 2 epochs of 12 steps, less logging steps, their neighbours, epoch ends
@@ -162,7 +157,7 @@ def test_host_sync_recorder_finds_a_sync(colour_folder, tmp_path):
 
     dm, _ = tiny(colour_folder)
     task = ReadsTheLoss(num_classes=dm.num_classes, class_names=dm.class_names, backbone="resnet18", pretrained=False)
-    recorder = HostSyncRecorder(ignore=CPU_RESIDENT)
+    recorder = HostSyncRecorder()
     trainer(tmp_path, max_epochs=1, limit_val_batches=0, log_every_n_steps=50, callbacks=[recorder]).fit(task, dm)
     assert recorder.steps == 1 and recorder.syncs == ["tests/test_speed.py:{} self.last_loss = loss.item()".format(
         ReadsTheLoss.training_step.__code__.co_firstlineno + 2)]
