@@ -25,7 +25,6 @@ from finetune.callbacks.nonfinite import NonFiniteGuard  # noqa: E402
 from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
 from finetune.callbacks.progress import ProgressBar  # noqa: E402
 from finetune.compile import CompiledGraphs  # noqa: E402
-from finetune.distributed import check_strategy  # noqa: E402
 from finetune.errors import (  # noqa: E402
     FinetuneError,
     UnsafeFileError,
@@ -129,19 +128,17 @@ class FinetuneCLI(LightningCLI):
             raise FinetuneError(f"ckpt_path: {ckpt_path} is not a file; pass a .ckpt path, or `last` to resume")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """The Trainer, with our progress bar by default, Lightning's refusals of trainer
-        settings (a strategy without its GPU or package, ...) as one line, and the strategy
-        checked against what the freeze/unfreeze schedule supports."""
+        """The Trainer, with our progress bar by default, and Lightning's refusals of trainer
+        settings (a strategy without its GPU or package, ...) as one line. (Strategies the
+        freeze/unfreeze schedule cannot run under are refused in FinetuneTask.setup.)"""
         config = (self.config_init.get(self.subcommand) if self.subcommand else self.config_init)["trainer"]
         configured = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in configured):
             kwargs.setdefault("callbacks", [*configured, ProgressBar()])
         try:
-            trainer = super().instantiate_trainer(**kwargs)
+            return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:
             raise FinetuneError(f"trainer: {str(err).strip().splitlines()[0]}") from err
-        check_strategy(trainer.strategy)
-        return trainer
 
     def fit(self, model, **kwargs) -> None:
         """`fit`, or with --lr_find (`finetune lr-find`) the LR range test instead."""

@@ -9,16 +9,12 @@ runs without them.
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.tuner import Tuner
 
 from finetune.compile import compile_backbone
-
-log = logging.getLogger(__name__)
-
 
 _NOTHING = contextlib.nullcontext()  # reentrant: one serves every (nested) hook
 
