@@ -146,7 +146,7 @@ class PILFloatDataset(ImageDataset):
         from finetune.data.sampling import seeded_index
 
         index = seeded_index(self.transform, self.seed, key)
-        path, label = self.samples[index]
+        path, label = self.items[index]
         with Image.open(path) as image:
             pixels = np.array(image.convert("RGB"))
         return {"image": self.transform(image=pixels)["image"], "label": label, "index": index}

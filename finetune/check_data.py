@@ -20,30 +20,24 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
-from finetune.data.checks import DataReport, screening
+from finetune.data.report import DataReport
+from finetune.data.screening import screening
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 40  # per table; the JSON has everything
 
 
+def _add_json(parser) -> None:
+    parser.add_argument("--json", type=str | None, default=None,
+                        help="check-data: write the report as JSON to this file ('-': to stdout, no table)")
+
+
 def _parse(args: list[str] | None):
-    """The `data` section (class and arguments), the model's output stride and --json, from fit's parser."""
-    import lightning as L
+    """The `data` section (class and arguments), the model's output stride and --json, parsed as
+    `finetune fit` parses them (same parser, same one-line errors), nothing instantiated."""
+    from finetune.cli import create_cli  # Lightning: imported only when the command runs
 
-    from finetune.cli import FinetuneCLI
-    from finetune.tasks.base import FinetuneTask
-
-    class ConfigOnly(FinetuneCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            super().add_arguments_to_parser(parser)
-            parser.add_argument("--json", type=str | None, default=None,
-                                help="check-data: write the report as JSON to this file ('-': to stdout, no table)")
-
-        def instantiate_classes(self) -> None:  # the DataModule is built by the caller, alone
-            pass
-
-    cli = ConfigOnly(FinetuneTask, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     run=False, args=args, auto_configure_optimizers=False)
+    cli = create_cli(args, run=False, instantiate=False, extra_arguments=_add_json)
     data = cli.config.data
     module, _, name = data.class_path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
@@ -51,30 +45,24 @@ def _parse(args: list[str] | None):
     return cls, dict(data.init_args.as_dict()), model_args.get("output_stride"), cli.config.json
 
 
-def build(cls, kwargs: dict, stride: int | None = None) -> DataReport:
-    """The full report on the data `cls(**kwargs)` reads; a fatal problem is a report with `fatal` set."""
+def build(cls, kwargs: dict, min_side: int | None = None) -> DataReport:
+    """The full report on the data `cls(**kwargs)` reads; a fatal problem is a report with `fatal` set.
+
+    `min_side`: count the images smaller than this (the model's smallest input, e.g. a
+    segmentation network's output stride, which the DataModule does not know); None: the
+    DataModule's own smallest side."""
     kwargs = {**kwargs, "on_bad_image": "skip"}  # report every bad file, don't stop at the first
     quiet = logging.getLogger("finetune.data")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the report says it all, once
     try:
-        with screening("full"):
+        with screening("full", min_side=min_side):
             dm = cls(**kwargs)
     except (ValueError, FileNotFoundError) as error:
         return DataReport(str(kwargs.get("root")), cls.__name__, fatal=[str(error)])
     finally:
         quiet.setLevel(level)
-    report = dm.report
-    if stride and isinstance(dm.splits, dict):  # the segmentation net's own stride, which the DataModule does not know
-        images = [image for pairs in dm.splits.values() for image, _ in pairs]
-        facts = [dm.screening.facts[p] for p in images if p in dm.screening.facts]
-        small = sorted((f for f in facts if min(f.height, f.width) < stride), key=lambda f: min(f.height, f.width))
-        report.small = {"min_side": stride, "count": len(small), "meaning": report.small.get("meaning", ""),
-                        "examples": [{"path": f.path, "width": f.width, "height": f.height} for f in small[:20]]}
-        report.warnings = [w for w in report.warnings if "smaller than" not in w]
-        if small:
-            report.warnings.append(f"{len(small)} images smaller than the output stride {stride} px on a side")
-    return report
+    return dm.report
 
 
 def _n(count: int, noun: str) -> str:

@@ -26,8 +26,9 @@ from PIL import ImageFile
 
 from finetune.data import ImageFolderDataModule
 from finetune.data.bad_images import SKIP_LIST, BadFile, BadImageError, read_guarded
-from finetune.data.checks import decode, inspect_header, screening
 from finetune.data.images import read_rgb
+from finetune.data.inspection import decode, inspect_header
+from finetune.data.screening import screening
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FIT = [
@@ -150,7 +151,7 @@ def test_a_file_that_breaks_while_loading_is_replaced_and_named_by_the_batch(tmp
 def test_finetune_fit_on_the_messy_folder_finishes_and_lists_what_it_skipped(tmp_path, capfd, caplog, monkeypatch):
     """The generator as a script, then `finetune fit` through its entry point (in-process: a
     process of its own adds ~15 s of imports; capfd still sees every process's stderr)."""
-    from finetune.cli import main
+    from finetune.commands import main
 
     subprocess.run([sys.executable, str(REPO / "tests" / "bad_inputs.py"), str(tmp_path / "bad")], check=True,
                    capture_output=True)
@@ -209,7 +210,7 @@ def test_fit_on_a_messy_identity_folder(tmp_path, capfd):
 
 
 def test_raise_in_fit_is_one_line_from_the_main_process(tmp_path, capfd, monkeypatch):
-    from finetune.cli import main
+    from finetune.commands import main
 
     write_colour_images(tmp_path / "data", per_class=4, seed=0)
     bad = corrupt_png(tmp_path / "data" / "red" / "red_001.png")

@@ -90,7 +90,7 @@ def test_data_no_training_can_use_is_fatal(fatal_cases, case):
 
 
 def test_check_data_command_exits_1_on_fatal_data(fatal_cases, monkeypatch, capsys):
-    from finetune.cli import main
+    from finetune.commands import main
 
     folder, _ = fatal_cases["unreadable_class"]
     monkeypatch.setattr(sys, "argv", ["finetune", "check-data", "--config", str(REPO / "configs" / "quickstart.yaml"),

@@ -157,7 +157,7 @@ def test_training_data_runs_crop_first_and_evaluation_does_not(tmp_path, monkeyp
     dataset = dm.train_dataloader().dataset
     assert dataset.crop_first is not None
     assert dm.val_dataloader().dataset.crop_first is None  # resize + centre crop: the whole image
-    reference = ImageDataset(dataset.samples, dataset.transform, dataset.seed, dataset.shrink, crop_first=False)
+    reference = ImageDataset(dataset.items, dataset.transform, dataset.seed, dataset.shrink, crop_first=False)
     regions = []
     real_decode = region_decode.RegionDecoder.decode
     monkeypatch.setattr(region_decode.RegionDecoder, "decode", lambda self, *a: regions.append(1) or real_decode(self, *a))

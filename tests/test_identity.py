@@ -74,7 +74,8 @@ def test_short_arcface_training_beats_the_untrained_backbone(identity_folder):
 
 
 def test_predict_embeddings_then_search_finds_the_same_identity_first(tmp_path, capsys, monkeypatch):
-    from finetune.cli import create_cli, main
+    from finetune.cli import create_cli
+    from finetune.commands import main
 
     common = [
         "--config", str(REPO / "configs" / "faces_quickstart.yaml"), "--data.image_size", "32",
@@ -86,7 +87,7 @@ def test_predict_embeddings_then_search_finds_the_same_identity_first(tmp_path, 
     gallery = FACES / "train"
     for out in ("gallery", "queries"):
         create_cli(["predict", *common, "--ckpt_path", fit.trainer.checkpoint_callback.last_model_path,
-                    "--data.predict_root", str(gallery), "--embeddings.output_dir", str(tmp_path / out)])
+                    "--data.predict_root", str(gallery), "--predictions.output_dir", str(tmp_path / out)])
     embeddings = torch.from_numpy(__import__("numpy").load(tmp_path / "gallery" / "embeddings.npy"))
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(len(embeddings)))
     monkeypatch.setattr(sys, "argv", ["finetune", "search", "--gallery", str(tmp_path / "gallery"),

@@ -68,7 +68,7 @@ def test_sigterm_mid_epoch_saves_last_and_resume_matches_uninterrupted(colour_fo
     last = run / "checkpoints" / "last.ckpt"
     assert f"SIGTERM: stopped at step 8 (epoch 1, 2 batches done); saved {last}" in capsys.readouterr().out
     saved = torch.load(last, weights_only=True)  # loadable, and without trusting pickle
-    assert saved["global_step"] == 8 and saved["finetune_data_position"] == [1, 2]
+    assert saved["global_step"] == 8 and saved["ImageFolderDataModule"]["data_position"] == [1, 2]
 
     resumed = create_cli(["fit", *run_args(colour_folder, run), "--ckpt_path", "last"])
     assert resumed.trainer.global_step == EPOCHS * STEPS_PER_EPOCH

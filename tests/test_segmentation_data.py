@@ -67,13 +67,13 @@ def test_flat_layout_is_split_deterministically(tmp_path):
     write_flat(tmp_path, 10)
     write_pair(tmp_path, "sub/nested", seed=3)  # masks/sub/nested.png matches images/sub/nested.png
     splits = scan_segmentation_folder(tmp_path, val_fraction=0.2, seed=3)
-    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (9, 2, 0)
-    assert not set(splits["train"]) & set(splits["val"])
-    every = splits["train"] + splits["val"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 2, 0)
+    assert not set(splits.train) & set(splits.val)
+    every = splits.train + splits.val
     assert all(Path(m).stem == Path(i).stem and "/masks/" in m for i, m in every)
     assert str(tmp_path / "masks" / "sub" / "nested.png") in {m for _, m in every}
     assert scan_segmentation_folder(tmp_path, 0.2, seed=3) == splits
-    assert scan_segmentation_folder(tmp_path, 0.2, seed=4)["val"] != splits["val"]
+    assert scan_segmentation_folder(tmp_path, 0.2, seed=4).val != splits.val
     dm = datamodule(tmp_path, val_fraction=0.2, seed=3)
     assert dm.splits == splits and dm.num_classes == 3 and dm.class_names == CLASSES
 
@@ -87,7 +87,7 @@ def test_train_val_test_layout_and_class_colours_from_yaml(tmp_path):
         "- {name: background, color: [0, 0, 0]}\n- {name: cat, color: [255, 0, 0]}\n- name: dog\n"
     )
     dm = datamodule(tmp_path, val_fraction=0.5)
-    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [4, 1, 1]  # val/ exists: no split
+    assert [len(dm.splits.train), len(dm.splits.val), len(dm.splits.test)] == [4, 1, 1]  # val/ exists: no split
     assert dm.class_names == CLASSES
     assert dm.class_colors == [(0, 0, 0), (255, 0, 0), default_palette(3)[2]]
     assert next(iter(dm.test_dataloader()))["path"] == [str(tmp_path / "test" / "images" / "s0.png")]
@@ -97,7 +97,7 @@ def test_train_only_layout_is_split_and_missing_test_split_is_an_error(tmp_path)
     for i in range(5):
         write_pair(tmp_path / "train", f"t{i}", seed=i)
     dm = datamodule(tmp_path, class_names=CLASSES, val_fraction=0.4)
-    assert (len(dm.splits["train"]), len(dm.splits["val"])) == (3, 2)
+    assert (len(dm.splits.train), len(dm.splits.val)) == (3, 2)
     with pytest.raises(ValueError, match="no test/ split") as excinfo:
         dm.test_dataloader()
     one_line_error(excinfo, tmp_path)
@@ -153,7 +153,7 @@ def test_palette_masks_are_read_as_indices(tmp_path):
     assert Image.open(mask_path).mode == "P"
     assert np.array_equal(read_mask(mask_path, 3, 255), expected)
     dm = datamodule(tmp_path, val_fraction=0.5, seed=0, pad_multiple=1)
-    dm.splits["val"] = [(str(tmp_path / "images" / "p.png"), str(mask_path))]
+    dm.splits.val = [(str(tmp_path / "images" / "p.png"), str(mask_path))]
     batch = next(iter(dm.val_dataloader()))
     assert batch["mask"].dtype == torch.uint8  # widened to int64 on the device (test_device_batches.py)
     assert np.array_equal(batch["mask"][0].numpy(), expected)
@@ -200,7 +200,7 @@ def test_out_of_range_label_is_an_error_when_the_mask_is_loaded(tmp_path):
     Image.fromarray(mask).save(tmp_path / "masks" / "img_01.png")
     dm = datamodule(tmp_path, val_fraction=0.5, seed=0)  # the label range is read with the pixels
     bad = tmp_path / "masks" / "img_01.png"
-    dm.splits["val"] = [(str(tmp_path / "images" / "img_01.png"), str(bad))]
+    dm.splits.val = [(str(tmp_path / "images" / "img_01.png"), str(bad))]
     with pytest.raises(ValueError, match=r"mask values \[3, 7\]") as excinfo:
         next(iter(dm.val_dataloader()))
     one_line_error(excinfo, bad, "ignore_index 255")

@@ -20,9 +20,10 @@ This callback, always on in the CLI:
   batch, whether the signal reached one process or the whole process group;
 - on `SIGTERMException` saves last.ckpt through our ModelCheckpoint, so `--ckpt_path last`
   finds it, says so, and exits with 128 + signal (143 for SIGTERM, 130 for Ctrl+C), no
-  traceback;
-- writes into every checkpoint where in the data order it was taken (epoch, batches done),
-  which `finetune.data.sampling.train_sampler` reads to skip the batches already trained.
+  traceback.
+
+Where in the data order a checkpoint was taken (epoch, batches done) is in the DataModule's
+own state (finetune.data.resume): the resumed run skips the batches already trained.
 """
 
 from __future__ import annotations
@@ -39,31 +40,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from finetune.callbacks.nonfinite import NonFiniteLossError, check_before_saving
-from finetune.lightning_internals import request_stop, skip_sigterm_broadcast
+from finetune.lightning_internals import data_position, request_stop, skip_sigterm_broadcast
 
 log = logging.getLogger(__name__)
-
-POSITION_KEY = "finetune_data_position"  # [epoch, batches of it already trained]
-
-
-def data_position(trainer) -> tuple[int, int]:
-    """(epoch, batches of that epoch whose optimizer step is done) for the training state now."""
-    progress = trainer.fit_loop.epoch_progress.current
-    if progress.started > progress.processed:  # inside epoch `processed`
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done < trainer.num_training_batches:
-            return progress.processed, done
-        return progress.processed + 1, 0
-    return progress.processed, 0  # between epochs, or in the epoch-end hooks
-
-
-def resume_position(trainer) -> tuple[int, int] | None:
-    """The position restored from the checkpoint being resumed, taken once (for the sampler)."""
-    callback = next((cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, Interruption)), None)
-    if callback is None or callback.resume_position is None:
-        return None
-    position, callback.resume_position = callback.resume_position, None
-    return position
 
 
 class Interruption(Callback):
@@ -80,7 +59,6 @@ class Interruption(Callback):
             raise ValueError(f"interruption.check_every_n_steps: {check_every_n_steps} must be at least 1")
         self.handle_sigint = handle_sigint
         self.check_every_n_steps = check_every_n_steps
-        self.resume_position: tuple[int, int] | None = None
         self._signal: int | None = None  # the signal this process received (SIGINT or SIGTERM)
         self._pid: int | None = None
         self._previous_sigint = None
@@ -165,15 +143,6 @@ class Interruption(Callback):
             if trainer.is_global_zero:
                 resume = "last" if Path(path).name.startswith("last") else path
                 print(f"{name}: stopped at {where}; saved {path}. Resume with --ckpt_path {resume}", flush=True)
-
-    # -- where in the data a checkpoint was taken --------------------------------------------
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[POSITION_KEY] = list(data_position(trainer))
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        position = checkpoint.get(POSITION_KEY)
-        self.resume_position = tuple(position) if position else None
 
 
 def _agreement_group():

@@ -2,7 +2,7 @@
 
 A bad file is found in one of two places:
 
-- When the DataModule is built (finetune.data.checks): every file's header, and every pixel
+- When the DataModule is built (finetune.data.screening): every file's header, and every pixel
   of a small set. What fails there is left out of the splits, so no worker ever opens it.
 - While loading, in a DataLoader worker: a large set's file that is corrupt past its header.
   The Dataset then returns the next sample that loads in its place and names the file in the

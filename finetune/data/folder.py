@@ -6,24 +6,14 @@ import logging
 import os
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.data.images import IMAGE_EXTENSIONS, is_image_file
+from finetune.data.splits import SPLIT_NAMES, Splits
 
 log = logging.getLogger(__name__)
 
 Sample = tuple[str, int]  # (path, class index)
-SPLIT_NAMES = ("train", "val", "test")
-
-
-@dataclass
-class FolderSplits:
-    class_names: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    test: list[Sample]
-    val_names: list[str] | None = None  # identities: validation has classes of its own
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -105,10 +95,10 @@ def _screened(splits: dict[str, list[Sample]], class_names: list[str], top: Path
     return splits, [class_names[label] for label in kept]
 
 
-def scan_image_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0, screen=None) -> FolderSplits:
+def scan_image_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0, screen=None) -> Splits[Sample]:
     """Read either layout: `root/<class>/*` (split here) or `root/{train,val[,test]}/<class>/*`.
 
-    `screen` (finetune.data.checks.Screening) leaves out unusable files before the split."""
+    `screen` (finetune.data.screening.Screening) leaves out unusable files before the split."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: {root} is not a folder; point it at root/<class>/* images")
@@ -131,4 +121,4 @@ def scan_image_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0
     empty = [name for name, n in zip(class_names, counts) if n == 0]
     if empty:
         raise ValueError(f"data.root: class folder(s) {empty} under {root} have no training images")
-    return FolderSplits(class_names, splits["train"], splits["val"], splits["test"])
+    return Splits(**splits, class_names=class_names)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from finetune.data.classification import ImageFolderDataModule
-from finetune.data.folder import FolderSplits, Sample, class_folders, list_images
+from finetune.data.folder import Sample, class_folders, list_images
+from finetune.data.splits import Splits
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class IdentityFolderDataModule(ImageFolderDataModule):
             raise FileNotFoundError(f"data.pairs_file: {path} does not exist")
         return path
 
-    def scan_folder(self, root: str, val_fraction: float, seed: int) -> FolderSplits:
+    def scan_folder(self, root: str, val_fraction: float, seed: int) -> Splits[Sample]:
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
             raise FileNotFoundError(f"data.root: {root_path} is not a folder; point it at root/<identity>/* images")
@@ -109,7 +110,7 @@ class IdentityFolderDataModule(ImageFolderDataModule):
         singles = sum(1 for n in Counter(label for _, label in train).values() if n == 1)
         if singles:
             log.info("%d training identities have a single image: they train the margin head but form no positive pair", singles)
-        return FolderSplits(train_names, train, val, [], val_names=self.val_identity_names)
+        return Splits(train, val, [], class_names=train_names, val_names=self.val_identity_names)
 
     def val_index_of(self) -> dict[tuple[str, int], int]:
         """(identity, 1-based image number in file order) -> row in the validation set (LFW numbering)."""

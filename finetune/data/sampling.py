@@ -134,10 +134,7 @@ def train_sampler(datamodule, dataset) -> EpochShuffleSampler:
     trainer = datamodule.trainer
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=datamodule.hparams.seed)
-    # Imported here: finetune.callbacks imports finetune.data.
-    from finetune.callbacks.interruption import resume_position
-
-    position = resume_position(trainer) if trainer is not None else None
+    position = datamodule.take_resume_position()  # restored from the checkpoint: finetune.data.resume
     if position is not None:
         epoch, batches = position
         sampler.resume_at(epoch, batches * datamodule.hparams.batch_size)

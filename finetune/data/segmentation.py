@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
 from typing import Literal
 
 import albumentations as A
 import cv2
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from finetune.backbones import data_config
-from finetune.data.bad_images import (
-    BadFiles,
-    SkipBadImages,
-    load_or_replace,
-    read_guarded,
-)
-from finetune.data.checks import Screening, log_report, segmentation_report
-from finetune.data.folder import list_images
+from finetune.data.bad_images import read_guarded
+from finetune.data.file_dataset import FileDataset
+from finetune.data.folder_module import FolderDataModule
 from finetune.data.images import read_rgb
-from finetune.data.loader import DataLoaderWorkers, data_loader
-from finetune.data.normalize import NormalizeOnDevice
-from finetune.data.sampling import seeded_index
+from finetune.data.report import DataReport, segmentation_report
 from finetune.data.segmentation_classes import read_class_list
 from finetune.data.segmentation_folder import (
     Pair,
@@ -33,9 +21,9 @@ from finetune.data.segmentation_folder import (
     read_mask,
     scan_segmentation_folder,
 )
+from finetune.data.splits import Splits
 from finetune.data.transforms import compose_to_tensor
-
-log = logging.getLogger(__name__)
+from finetune.preprocessing import Preprocessing
 
 # --- transforms ------------------------------------------------------------------------------
 
@@ -72,61 +60,40 @@ def seg_train_transform(
     return compose_to_tensor(steps, mean, std, normalize)
 
 
-def seg_eval_transform(mean: tuple[float, ...], std: tuple[float, ...], normalize: bool = True) -> A.Compose:
-    """Full resolution: metrics are computed on the labels as drawn; batches are padded in collate."""
-    return compose_to_tensor([], mean, std, normalize)
-
-
 def mean_colour(mean: tuple[float, ...]) -> tuple[int, ...]:
     """The uint8 pixel that normalises to (about) 0: padding that adds no signal."""
     return tuple(round(255.0 * m) for m in mean)
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(FileDataset):
     """(image, mask) pairs -> {"image": CHW uint8 tensor, "mask": HW uint8 tensor, "path": str}.
 
-    Indexed by `(index, epoch)` (from EpochShuffleSampler) like the classification ImageDataset,
-    so the same image gets the same crop in a resumed or a DDP run, whatever the worker.
+    Augmentation seeded by (seed, epoch, index) like the classification ImageDataset
+    (FileDataset), so the same image gets the same crop in a resumed or a DDP run, whatever
+    the worker. A pair that fails to load takes the next one's place.
     """
 
     def __init__(self, pairs: list[Pair], transform, num_classes: int, ignore_index: int, seed: int = 0):
-        self.pairs = pairs
-        self.transform = transform
+        super().__init__(pairs, transform, seed)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index = seeded_index(self.transform, self.seed, key)
-        # A pair that fails here takes the next one's place; the batch names it (bad_images.py).
-        return load_or_replace(self._load, index, len(self.pairs))
 
     def _load(self, index: int) -> dict:
-        image_path, mask_path = self.pairs[index]
+        image_path, mask_path = self.items[index]
         mask = read_guarded(read_mask, mask_path, self.num_classes, self.ignore_index)
         out = self.transform(image=read_guarded(read_rgb, image_path), mask=mask)
         return {"image": out["image"], "mask": out["mask"], "path": image_path}
 
 
-class PredictImageDataset(Dataset):
+class PredictImageDataset(FileDataset):
     """Images alone -> {"image", "path", "size": (H, W)}; the size lets a writer crop the padding off."""
 
     def __init__(self, paths: list[str], transform):
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        return load_or_replace(self._load, index, len(self.paths))
+        super().__init__(paths, transform)
 
     def _load(self, index: int) -> dict:
-        image = read_guarded(read_rgb, self.paths[index])
-        return {"image": self.transform(image=image)["image"], "path": self.paths[index], "size": tuple(image.shape[:2])}
+        image = read_guarded(read_rgb, self.items[index])
+        return {"image": self.transform(image=image)["image"], "path": self.items[index], "size": tuple(image.shape[:2])}
 
 
 class PadCollate:
@@ -170,15 +137,18 @@ class PadCollate:
 SMALLEST_SIDE = 16
 
 
-class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, DataLoaderWorkers, L.LightningDataModule):
+class SegmentationFolderDataModule(FolderDataModule):
     """Images + class-index PNG masks in `root/{images,masks}` or `root/{train,val[,test]}/{images,masks}`.
 
     Masks match images by relative path and stem (`images/a/x.jpg` -> `masks/a/x.png`). Classes
     come from `class_names`, `root/classes.yaml` or `root/classes.txt`, read here with every
     file header, so the CLI can link `num_classes` into the model and a bad file is skipped (or,
     with `on_bad_image: raise`, fails) before training starts. `mean` and `std` default to the
-    pretrained config of `backbone`.
+    pretrained config of `backbone`. Evaluation is at full resolution: metrics are computed on
+    the labels as drawn; batches are padded in collate (PadCollate).
     """
+
+    test_layout = "root/test/images + root/test/masks"
 
     def __init__(
         self,
@@ -207,20 +177,8 @@ class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, DataLoaderW
         # Class list and settings first: a config mistake should not wait for a scan of every file.
         self._class_names, self._class_colors = read_class_list(existing_root(root), class_names)
         self._check_settings()
-        self.bad_files = BadFiles(on_bad_image)
-        self.screening = Screening(self.bad_files, SMALLEST_SIDE, mask_labels=(self.num_classes, ignore_index))
-        self.splits = scan_segmentation_folder(root, val_fraction, seed, self.screening)
-        self.report = segmentation_report(root, type(self).__name__, self.splits, self.class_names, self.screening)
-        pretrained = data_config(backbone)
-        self.mean = tuple(mean or pretrained["mean"])
-        self.std = tuple(std or pretrained["std"])
-        self.num_workers = num_workers
-        log.info(
-            "%s: %d classes, %d train / %d val / %d test images; crop %dpx, mean %s, std %s",
-            root, self.num_classes, len(self.splits["train"]), len(self.splits["val"]), len(self.splits["test"]),
-            crop_size, self.mean, self.std,
-        )
-        log_report(self.report)
+        self.preprocessing = Preprocessing.resolve(backbone, mean=mean, std=std, full_resolution=True)
+        self._read_folder(min_side=SMALLEST_SIDE, mask_labels=(self.num_classes, ignore_index))
 
     def _check_settings(self) -> None:
         hp = self.hparams
@@ -234,13 +192,15 @@ class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, DataLoaderW
         if not 0 < hp.scale[0] <= hp.scale[1]:
             raise ValueError(f"data.scale: {tuple(hp.scale)} must be (low, high) with 0 < low <= high, e.g. (0.5, 2.0)")
 
-    @property
-    def class_names(self) -> list[str]:
-        return self._class_names
+    def scan_folder(self, root: str, val_fraction: float, seed: int) -> Splits[Pair]:
+        return scan_segmentation_folder(root, val_fraction, seed, self.screening)
+
+    def data_report(self) -> DataReport:
+        return segmentation_report(self.hparams.root, type(self).__name__, self.splits, self.class_names, self.screening)
 
     @property
-    def num_classes(self) -> int:
-        return len(self._class_names)
+    def class_names(self) -> list[str]:
+        return self._class_names  # from the class list: the splits' items carry no labels
 
     @property
     def class_colors(self) -> list[tuple[int, int, int]]:
@@ -256,8 +216,8 @@ class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, DataLoaderW
             hp.crop_size, self.mean, self.std, hp.scale, hp.hflip, hp.color_jitter, hp.ignore_index, normalize=False
         )
 
-    def eval_transform(self) -> A.Compose:
-        return seg_eval_transform(self.mean, self.std, normalize=False)
+    def input_summary(self) -> str:
+        return f"crop {self.hparams.crop_size}px"
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Normalised images, and the uint8 masks widened on the device to the int64 that
@@ -267,28 +227,12 @@ class SegmentationFolderDataModule(NormalizeOnDevice, SkipBadImages, DataLoaderW
             batch["mask"] = batch["mask"].long()
         return batch
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return data_loader(self, dataset, shuffle, PadCollate(self.hparams.pad_multiple, self.ignore_index, mean_colour(self.mean)))
+    def collate_fn(self) -> PadCollate:
+        return PadCollate(self.hparams.pad_multiple, self.ignore_index, mean_colour(self.mean))
 
-    def _dataset(self, split: str, transform) -> SegmentationDataset:
-        return SegmentationDataset(self.splits[split], transform, self.num_classes, self.ignore_index, self.hparams.seed)
+    def dataset(self, items: list[Pair], train: bool) -> SegmentationDataset:
+        transform = self.train_transform() if train else self.eval_transform()
+        return SegmentationDataset(items, transform, self.num_classes, self.ignore_index, self.hparams.seed)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train", self.train_transform()), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val", self.eval_transform()), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        if not self.splits["test"]:
-            raise ValueError(f"data.root: {self.hparams.root} has no test/ split; add root/test/images + root/test/masks")
-        return self._loader(self._dataset("test", self.eval_transform()), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        folder = self.hparams.predict_root
-        if folder is None or not Path(folder).expanduser().is_dir():
-            raise ValueError(f"data.predict_root: {folder!r} is not a folder; pass --data.predict_root PATH")
-        paths = [str(p) for p in list_images(Path(folder).expanduser())]
-        if not paths:
-            raise ValueError(f"data.predict_root: no images under {folder}")
-        return self._loader(PredictImageDataset(paths, self.eval_transform()), shuffle=False)
+    def predict_dataset(self, paths: list[str]) -> PredictImageDataset:
+        return PredictImageDataset(paths, self.eval_transform())

@@ -11,11 +11,11 @@ from PIL import Image, ImageOps
 
 from finetune.data.bad_images import Problem
 from finetune.data.folder import list_images
+from finetune.data.splits import SPLIT_NAMES, Splits
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]  # (image path, mask path)
-SPLIT_NAMES = ("train", "val", "test")
 MASK_MODES = ("L", "P", "1")  # one value per pixel: the class index (a palette's index, not its colour)
 _ORIENTATION = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
@@ -124,24 +124,23 @@ def existing_root(root: str | Path) -> Path:
     return root
 
 
-def scan_segmentation_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0, screen=None) -> dict[str, list[Pair]]:
+def scan_segmentation_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0, screen=None) -> Splits[Pair]:
     """Read either layout: `root/{images,masks}` (split here) or `root/{train,val[,test]}/{images,masks}`.
 
-    `screen` (finetune.data.checks.Screening) leaves out unusable pairs before the split."""
+    `screen` (finetune.data.screening.Screening) leaves out unusable pairs before the split."""
     root = existing_root(root)
     if (root / "train" / "images").is_dir():
-        splits = {s: _pairs(root / s, screen) if (root / s / "images").is_dir() else [] for s in SPLIT_NAMES}
-        if not splits["val"]:
-            splits["train"], splits["val"] = random_split(splits["train"], val_fraction, seed)
+        splits = Splits(*(_pairs(root / s, screen) if (root / s / "images").is_dir() else [] for s in SPLIT_NAMES))
+        if not splits.val:
+            splits.train, splits.val = random_split(splits.train, val_fraction, seed)
     elif (root / "images").is_dir():
-        train, val = random_split(_pairs(root, screen), val_fraction, seed)
-        splits = {"train": train, "val": val, "test": []}
+        splits = Splits(*random_split(_pairs(root, screen), val_fraction, seed), test=[])
     else:
         raise ValueError(f"data.root: {root} has neither images/ + masks/ nor train/images/ + train/masks/")
-    if not splits["train"]:
+    if not splits.train:
         skipped = f" ({len(screen.bad_files.records)} skipped: `finetune check-data` lists them)" if screen else ""
         raise ValueError(f"data.root: no usable training images under {root}{skipped}")
     if screen is None:
-        for pairs in splits.values():
+        for _, pairs in splits.items():
             check_pairs(pairs)
     return splits
