@@ -1,11 +1,19 @@
-"""`finetune fit | validate | test | predict --config configs/<name>.yaml` (LightningCLI)."""
+"""`finetune fit | validate | test | predict --config configs/<name>.yaml` (LightningCLI).
+
+The parser, the config's defaults and checks, the Trainer around the task; `create_cli` builds
+it for `finetune` (finetune.commands, the entry point), `finetune check-data` and the notebooks.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
 import pickle
 import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -14,27 +22,26 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 from finetune.callbacks.checkpoint import ModelCheckpoint  # noqa: E402
-from finetune.callbacks.embedding import EmbeddingWriter  # noqa: E402
 from finetune.callbacks.interruption import Interruption  # noqa: E402
 from finetune.callbacks.nonfinite import NonFiniteGuard  # noqa: E402
-from finetune.callbacks.predictions import PredictionCSVWriter  # noqa: E402
+from finetune.callbacks.predictions import PredictionWriter  # noqa: E402
 from finetune.callbacks.progress import ProgressBar  # noqa: E402
 from finetune.compile import CompiledGraphs  # noqa: E402
 from finetune.errors import (  # noqa: E402
     FinetuneError,
     UnsafeFileError,
     condense_parse_error,
+    lightning_refusals_named,
     unreadable_file_message,
-    user_message,
 )
 from finetune.lr_find import run_lr_find  # noqa: E402
 from finetune.speed import apply_speed_settings, run_batch_size_find  # noqa: E402
 from finetune.tasks.base import FinetuneTask  # noqa: E402
+from finetune.value_checks import check_values  # noqa: E402
 
 log = logging.getLogger("finetune")
 
@@ -48,7 +55,7 @@ def _logger_configs(logger_cfg) -> list:
 class FinetuneArgumentParser(LightningArgumentParser):
     """A parse error as one line naming the key (`model.scheduler: 'cosin' is not one of ...`)
     instead of ~100 lines of usage and jsonargparse's nested Union report.
-    JSONARGPARSE_DEBUG=1 shows the full report."""
+    JSONARGPARSE_DEBUG=true shows the full report."""
 
     def error(self, message, *args, **kwargs):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
@@ -58,18 +65,27 @@ class FinetuneArgumentParser(LightningArgumentParser):
 
 
 class FinetuneCLI(LightningCLI):
+    """LightningCLI with our sections and defaults. `instantiate=False`: parse and check the
+    config only (`check-data` builds the DataModule itself); `extra_arguments(parser)` adds a
+    command's own flags (`check-data --json`)."""
+
+    def __init__(self, *args, instantiate: bool = True, extra_arguments: Callable | None = None, **kwargs):
+        self.instantiate = instantiate
+        self.extra_arguments = extra_arguments
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # Always-on callbacks get their own config section (`checkpoint.*`, `predictions.*`).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val/acc",
-            "checkpoint.mode": "max",
+            # None: the metric and mode of the task's contract (before_instantiate_classes)
+            "checkpoint.monitor": None,
+            "checkpoint.mode": None,
             "checkpoint.save_last": True,
             "checkpoint.filename": "best-epoch{epoch:02d}",
             "checkpoint.auto_insert_metric_name": False,
         })
-        parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
-        parser.add_lightning_class_args(EmbeddingWriter, "embeddings")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # the task's writer, by its contract
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")  # stop at a NaN/inf loss
         parser.add_lightning_class_args(Interruption, "interruption")  # SIGTERM/Ctrl+C: save, exit
         parser.add_argument(
@@ -94,9 +110,24 @@ class FinetuneCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         # The transforms need the backbone's pretrained input size, mean and std.
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", apply_on="parse")
+        if self.extra_arguments is not None:
+            self.extra_arguments(parser)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, without its warning that `args` and sys.argv both hold arguments
+        (`finetune` passes its own, sys.argv also has the command's name), then --ckpt_path
+        checked before Lightning reads its hyperparameters."""
+        self.config = parser.parse_args(args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            refuse_unreadable_checkpoint(self.config[subcommand].get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
+        if not self.instantiate:
+            return
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_values(config)
+        _monitor_from_contract(config)
         root = Path(config.trainer.default_root_dir or "runs")
         config.trainer.default_root_dir = str(root)
         # A fixed checkpoint folder (not one per logger version) is what lets
@@ -127,6 +158,10 @@ class FinetuneCLI(LightningCLI):
         if local_file and not Path(ckpt_path).is_file():
             raise FinetuneError(f"ckpt_path: {ckpt_path} is not a file; pass a .ckpt path, or `last` to resume")
 
+    def instantiate_classes(self) -> None:
+        if self.instantiate:
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """The Trainer, with our progress bar by default, and Lightning's refusals of trainer
         settings (a strategy without its GPU or package, ...) as one line. (Strategies the
@@ -135,10 +170,8 @@ class FinetuneCLI(LightningCLI):
         configured = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in configured):
             kwargs.setdefault("callbacks", [*configured, ProgressBar()])
-        try:
+        with lightning_refusals_named({"trainer": TRAINER_ARGUMENTS}):
             return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError) as err:
-            raise FinetuneError(f"trainer: {str(err).strip().splitlines()[0]}") from err
 
     def fit(self, model, **kwargs) -> None:
         """`fit`, or with --lr_find (`finetune lr-find`) the LR range test instead."""
@@ -158,21 +191,10 @@ class FinetuneCLI(LightningCLI):
     def predict(self, model, **kwargs) -> None:
         self._run_trainer(self.trainer.predict, model, **kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI (2.6) reads --ckpt_path once before the Trainer does, to take the model's
-        # hyperparameters from it (torch.load(weights_only=True)); name the file if that fails.
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            message = unreadable_file_message("ckpt_path", path, err)
-            if message is None:
-                raise
-            raise UnsafeFileError(message) from None
-
     def _run_trainer(self, method, model, **kwargs) -> None:
         """Trainer.fit/validate/..., with a refused or unreadable checkpoint named in one line
-        (torch's own message is a paragraph that does not say which file)."""
+        (torch's own message is a paragraph that does not say which file), and a setting
+        Lightning refuses once it starts (val_check_interval > batches, ...) too."""
         config = self.config[self.subcommand]
         compile = config.get("compile", False)
         apply_speed_settings(
@@ -181,7 +203,8 @@ class FinetuneCLI(LightningCLI):
         if compile:
             self.trainer.callbacks.append(CompiledGraphs())
         try:
-            method(model, **kwargs)
+            with lightning_refusals_named({"trainer": TRAINER_ARGUMENTS, "checkpoint": CHECKPOINT_ARGUMENTS}):
+                method(model, **kwargs)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
             path = self.trainer.ckpt_path or kwargs.get("ckpt_path")
             loading = isinstance(err, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in str(err)
@@ -198,12 +221,53 @@ class FinetuneCLI(LightningCLI):
         print("final validation: " + "  ".join(f"{k} {metrics[k].item():.4f}" for k in shown))
         checkpoint = self.trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_path:
+            # ddp_spawn hands back the best path from the workers, not the score.
             score = checkpoint.best_model_score
-            print(f"best checkpoint: {checkpoint.best_model_path} ({checkpoint.monitor} {score.item():.4f})")
+            shown = "" if score is None else f" ({checkpoint.monitor} {score.item():.4f})"
+            print(f"best checkpoint: {checkpoint.best_model_path}{shown}")
 
 
-def create_cli(args=None, run: bool = True) -> FinetuneCLI:
-    """The CLI object; tests call this in-process with `args` to skip ~10 s of imports."""
+TRAINER_ARGUMENTS = list(inspect.signature(L.Trainer.__init__).parameters)[1:]
+CHECKPOINT_ARGUMENTS = list(inspect.signature(ModelCheckpoint.__init__).parameters)[1:]
+
+
+def _monitor_from_contract(config) -> None:
+    """An unset checkpoint.monitor / checkpoint.mode: the metric and mode the task's contract
+    names (classification val/acc, segmentation val/miou, ...)."""
+    checkpoint = config.checkpoint
+    if checkpoint.monitor is not None and checkpoint.mode is not None:
+        return
+    module, _, name = config.model.class_path.rpartition(".")
+    contract = getattr(getattr(importlib.import_module(module), name), "contract", None)
+    if contract is None:
+        raise FinetuneError(
+            f"checkpoint.monitor: {config.model.class_path} declares no contract to take the metric from; "
+            "pass --checkpoint.monitor and --checkpoint.mode"
+        )
+    checkpoint.monitor = checkpoint.monitor or contract.monitor
+    checkpoint.mode = checkpoint.mode or contract.mode
+
+
+def refuse_unreadable_checkpoint(path) -> None:
+    """UnsafeFileError naming `path` when torch.load(weights_only=True) refuses it or cannot read
+    it. Lightning (2.6) then reads the file for the model's hyperparameters, the Trainer for the
+    weights: this first read maps the tensors (mmap) instead of reading them."""
+    if not path or not Path(path).is_file():
+        return  # `last`, or no such file: before_instantiate_classes says which
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # unpickling raises many types; those unreadable_file_message does not name are raised
+        message = unreadable_file_message("ckpt_path", path, err)
+        if message is None:
+            raise
+        raise UnsafeFileError(message) from None
+
+
+def create_cli(
+    args: list[str] | None = None, run: bool = True, *, instantiate: bool = True, extra_arguments: Callable | None = None,
+) -> FinetuneCLI:
+    """The CLI object; tests and notebooks call this in-process with `args` (None: sys.argv[1:])
+    to skip ~10 s of imports. `instantiate`, `extra_arguments`: see FinetuneCLI."""
     return FinetuneCLI(
         FinetuneTask,
         L.LightningDataModule,
@@ -216,29 +280,13 @@ def create_cli(args=None, run: bool = True) -> FinetuneCLI:
         trainer_defaults={"profiler": {"class_path": "finetune.speed.NoProfiler"}},
         parser_class=FinetuneArgumentParser,
         args=args,
+        instantiate=instantiate,
+        extra_arguments=extra_arguments,
     )
 
 
 def run(args: list[str]) -> None:
-    """fit / validate / test / predict / lr-find through LightningCLI, errors in one line."""
+    """fit / validate / test / predict / lr-find through LightningCLI (`finetune` ARGS)."""
     if args[:1] == ["lr-find"]:  # `finetune lr-find ...` is `finetune fit --lr_find true ...`
         args = ["fit", "--lr_find", "true", *args[1:]]
-    sys.argv[1:] = args  # not also as `args=`: LightningCLI warns when it gets both
-    try:
-        create_cli()
-    except Exception as err:
-        message = user_message(err)  # ours: one line naming the key; anything else: a traceback
-        if message is None:
-            raise
-        log.debug("%s", message, exc_info=True)
-        sys.exit(f"error: {message}")
-
-
-def main() -> None:
-    from finetune.commands import main as dispatch
-
-    dispatch()
-
-
-if __name__ == "__main__":
-    main()
+    create_cli(args)

@@ -1,6 +1,12 @@
-"""`finetune <command>`: the entry point. Commands that need no Trainer (search, export,
-predict from an exported file) are dispatched before Lightning is imported, so they start in
-a fraction of the time and run where Lightning is not installed."""
+"""`finetune <command>`: the one entry point (the console script and `python -m finetune`).
+
+Commands that need no Trainer (search, export, predict from an exported file) are dispatched
+before Lightning is imported, so they start in a fraction of the time and run where Lightning
+is not installed. The others go through finetune.cli; a mistake the user can fix ends there as
+one line (`error: model.backbone: ...`), a bug with its traceback.
+
+Nothing imports this module: it imports the commands, never the reverse.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +34,16 @@ def main() -> None:
         from finetune.predict_exported import main as run_exported
 
         return run_exported(args[1:])
-    if command == ["check-data"]:  # fit's config, the DataModule alone: report, exit 1 if unusable
-        from finetune.check_data import main as check_data_main
+    from finetune.errors import one_line_errors
 
-        sys.argv[1:] = args[1:]  # not also as `args=`: LightningCLI warns when it gets both
-        sys.exit(check_data_main())
-    from finetune.cli import run
+    with one_line_errors():
+        if command == ["check-data"]:  # fit's config, the DataModule alone: report, exit 1 if unusable
+            from finetune.check_data import main as check_data_main
 
-    run(args)
+            sys.exit(check_data_main(args[1:]))
+        from finetune.cli import run
+
+        run(args)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ from urllib.parse import urlparse
 
 import timm
 
+from finetune.errors import FinetuneError
 
-class PretrainedWeightsUnavailable(RuntimeError):
-    """The hub cannot be reached and the weights are not in the local cache."""
+
+class PretrainedWeightsUnavailable(FinetuneError, RuntimeError):
+    """The hub cannot be reached and the weights are not in the local cache: the message is
+    the user's one line (`finetune` prints it without a traceback)."""
 
 
 def _env_true(name: str) -> bool:
@@ -58,7 +61,7 @@ def pretrained_overlay(model_name: str) -> dict:
     cfg = timm.get_pretrained_cfg(model_name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise PretrainedWeightsUnavailable(
-            f"{model_name} has no pretrained weights in timm; set model.pretrained: false "
+            f"model.pretrained: {model_name} has no pretrained weights in timm; set model.pretrained: false "
             "or pass a local file with model.weights: PATH"
         )
     if cfg.file:
@@ -74,7 +77,7 @@ def pretrained_overlay(model_name: str) -> dict:
         return {"pretrained_cfg_overlay": {"file": cached}}
     where = "HF_HUB_OFFLINE is set" if offline else f"{urlparse(url).hostname} is unreachable"
     raise PretrainedWeightsUnavailable(
-        f"pretrained weights for {model_name} are not cached and {where}; pass a local file with "
+        f"model.pretrained: weights for {model_name} are not cached and {where}; pass a local file with "
         f"`--model.weights /path/to/{model_name.split('.')[0]}.safetensors` (.pth/.ckpt work too) "
         "or train from scratch with `--model.pretrained false`"
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
 from finetune.hub import host_reachable
+from finetune.lightning_internals import finish_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,4 @@ class WandbLogger(_LightningWandbLogger):
         # One run per fit. Lightning's logger leaves the W&B run open, and the next
         # WandbLogger in the same process (a notebook, a test) would silently log into it.
         super().finalize(status)
-        if self._experiment is not None and hasattr(self._experiment, "finish"):
-            self._experiment.finish(exit_code=0 if status == "success" else 1)
-            self._experiment = None
+        finish_wandb_run(self, exit_code=0 if status == "success" else 1)

@@ -51,7 +51,7 @@ def test_fit_writes_offline_wandb_run_then_predict_writes_csv(colour_folder, tmp
     out = tmp_path / "predictions.csv"
     create_cli([
         "predict", *small_run(colour_folder, run), "--trainer.logger", "false", "--ckpt_path", best,
-        "--data.predict_root", str(colour_folder / "val"), "--predictions.path", str(out),
+        "--data.predict_root", str(colour_folder / "val"), "--predictions.output_dir", str(tmp_path),
     ])
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 24 and list(rows[0]) == ["path", "prediction", "probability", "top5"]
@@ -146,7 +146,7 @@ def test_every_strategy_runs_through_the_cli(finetuning, trainable_at_end, colou
 
 
 def test_lr_find_prints_and_plots_a_suggestion_without_training(colour_folder, tmp_path, monkeypatch, capsys):
-    from finetune.cli import main
+    from finetune.commands import main
 
     run = tmp_path / "run"
     monkeypatch.setattr(
@@ -182,3 +182,21 @@ def test_segmentation_fit_then_predict_writes_masks(shapes_folder, tmp_path, cap
     mask = np.asarray(Image.open(masks[0]))
     assert mask.shape == (48, 48) and set(np.unique(mask)) <= {0, 1, 2}
     assert not (run / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("config, extra, expected", [
+    ("quickstart.yaml", [], ("val/acc", "max")),  # sets neither: both from ClassificationTask's contract
+    ("segment_quickstart.yaml", ["--checkpoint.monitor", "null"], ("val/miou", "max")),
+    ("quickstart.yaml", ["--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min"], ("val/loss", "min")),
+], ids=["classification", "segmentation", "set_in_config"])
+def test_checkpoint_monitors_the_tasks_metric_unless_the_config_says(
+    config, extra, expected, colour_folder, shapes_folder, tmp_path
+):
+    data = shapes_folder if config.startswith("segment") else colour_folder
+    cli = create_cli(
+        ["--config", str(REPO / "configs" / config), "--data.root", str(data), "--model.pretrained", "false",
+         "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), *extra],
+        run=False,
+    )
+    checkpoint = cli.trainer.checkpoint_callback
+    assert (checkpoint.monitor, checkpoint.mode) == expected

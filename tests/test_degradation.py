@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.experiments import degradation as deg
+from experiments import degradation as deg  # the repository root is on pytest's pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = REPO / "notebooks" / "figures"

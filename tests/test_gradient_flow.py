@@ -12,13 +12,13 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from experiments.degradation import CifarNet, LitNet
 from finetune.callbacks import GradientFlow
 from finetune.callbacks.gradient_flow import (
     find_blocks,
     measure_gradient_flow,
     stage_of,
 )
-from finetune.experiments.degradation import CifarNet, LitNet
 from finetune.tasks import ClassificationTask
 
 

@@ -16,7 +16,8 @@ from finetune.callbacks.nonfinite import (
     NonFiniteLossError,
     check_before_saving,
 )
-from finetune.cli import create_cli, main
+from finetune.cli import create_cli
+from finetune.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from finetune.cli import main
+from finetune.commands import main
 from finetune.weights import plain_hyperparameters
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
-
+from finetune import lightning_internals as internals
 from finetune.callbacks.nonfinite import check_before_saving
 
 
-class ModelCheckpoint(_ModelCheckpoint):
+class ModelCheckpoint(internals.CheckedModelCheckpoint):
     """Lightning 2.6 refreshes last.ckpt only in epochs where a top-k checkpoint was saved
     ("Only save last checkpoint if a checkpoint was actually saved in this step"). When the
     monitored metric stops improving, `--ckpt_path last` would then go back to the best epoch
@@ -34,9 +33,8 @@ class ModelCheckpoint(_ModelCheckpoint):
         self.save_last_every_n_train_steps = save_last_every_n_train_steps
         self._last_step_save = 0  # steps repeat while gradients accumulate
 
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
+    def before_write(self, trainer) -> None:
         check_before_saving(trainer)
-        super()._save_checkpoint(trainer, filepath)
 
     def save_last_now(self, trainer) -> str:
         """Write last.ckpt with the current state (interruption, step saves); return its path.
@@ -45,15 +43,13 @@ class ModelCheckpoint(_ModelCheckpoint):
         this step still gets to save a best checkpoint.
         """
         self._last_step_save = trainer.global_step
-        saved_step = self._last_global_step_saved
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._last_global_step_saved = saved_step
+        internals.save_last(self, trainer, counts_as_saved=False)
         return self.last_model_path
 
     def _refresh_last(self, trainer) -> None:
-        # _should_skip_saving_checkpoint is also true when something was saved at this step.
-        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # may_save_now is also false when something was saved at this step.
+        if self.save_last is True and internals.may_save_now(self, trainer):
+            internals.save_last(self, trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -61,16 +57,16 @@ class ModelCheckpoint(_ModelCheckpoint):
         step = trainer.global_step
         if (
             every and self.save_last is True and step % every == 0 and step != self._last_step_save
-            and not self._should_skip_saving_checkpoint(trainer)
+            and internals.may_save_now(self, trainer)
         ):
             self.save_last_now(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
+        if not internals.saves_at_train_epoch_end(self, trainer):
             self._refresh_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if internals.saves_at_train_epoch_end(self, trainer):
             self._refresh_last(trainer)

@@ -6,8 +6,8 @@ global average pooling and a linear classifier. The only difference is the ident
 shortcut. Between stages the shortcut is the paper's option A (subsample by 2, zero-pad the
 new channels): parameter-free, so plain-n and resnet-n have exactly the same parameters.
 
-    python -m finetune.experiments.degradation                 # the full run (CPU, one thread)
-    python -m finetune.experiments.degradation --epochs 2 --train-size 500 --out /tmp/deg
+    python -m experiments.degradation                 # from the repository root: the full run (CPU, one thread)
+    python -m experiments.degradation --epochs 2 --train-size 500 --out /tmp/deg
 
 writes `degradation.csv` (per model and epoch: training loss and error, test error),
 `gradients.csv` (‖∂L/∂x_l‖ / ‖∂L/∂x_L‖ per block, at init and after training),
@@ -38,7 +38,7 @@ from torch import nn
 from finetune.callbacks.gradient_flow import find_blocks, measure_gradient_flow
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist-sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist-sample"  # experiments/ sits beside data/
 WIDTHS = (16, 32, 64)
 
 

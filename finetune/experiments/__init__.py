@@ -1,1 +1,0 @@
-"""Experiments behind the product's design choices; each runs as `python -m finetune.experiments.<name>`."""
