@@ -59,9 +59,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
-import finetune.tasks.classification  # noqa: E402
-import finetune.tasks.embedding  # noqa: E402
-import finetune.tasks.segmentation  # noqa: E402
+import finetune.models.classifier  # noqa: E402
+import finetune.models.deeplab  # noqa: E402
+import finetune.models.embedding  # noqa: E402
 from finetune.backbones import create_backbone  # noqa: E402
 from finetune.callbacks.nonfinite import NonFiniteGuard  # noqa: E402
 from finetune.cli import create_cli  # noqa: E402
@@ -72,7 +72,7 @@ from finetune.host_syncs import HostSyncRecorder  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOY_RESNET = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)  # 91 k parameters
-TASK_MODULES = (finetune.tasks.classification, finetune.tasks.segmentation, finetune.tasks.embedding)
+NETWORK_MODULES = (finetune.models.classifier, finetune.models.deeplab, finetune.models.embedding)
 
 
 @dataclass
@@ -342,12 +342,12 @@ def raw_loss(kind: str, model, batch: dict) -> torch.Tensor:
     if kind == "classification":
         return F.cross_entropy(model(batch["image"]), batch["label"], label_smoothing=hp.label_smoothing)
     if kind == "segmentation":
-        logits, aux = model.forward_with_aux(batch["image"])
+        logits, aux = model.net.forward_with_aux(batch["image"])
         loss = F.cross_entropy(logits, batch["mask"], ignore_index=hp.ignore_index)
         if aux is not None:
             loss = loss + hp.aux_loss_weight * F.cross_entropy(aux, batch["mask"], ignore_index=hp.ignore_index)
         return loss
-    return F.cross_entropy(model.head(model.embed_unnormalised(batch["image"]), batch["label"]), batch["label"])
+    return F.cross_entropy(model.head(model.net.embed_unnormalised(batch["image"]), batch["label"]), batch["label"])
 
 
 def raw_images_per_s(task: Task, fitted: dict, setup: Setup) -> float:
@@ -385,11 +385,9 @@ def predict(task: Task, data: Path, run_dir: Path, ckpt: str, setup: Setup) -> t
     """`finetune predict` from the checkpoint (with the config's callbacks): an output for every
     image, finite (embeddings: of unit length)."""
     images = data / "val" / ("images" if task.name == "segmentation" else "")
-    count, out = sum(1 for _ in images.rglob("*.jpg")), run_dir / "predictions"  # masks: always under predictions/
-    where = {"classification": ["--predictions.path", str(out / "predictions.csv")],
-             "embedding": ["--embeddings.output_dir", str(out)]}.get(task.name, [])
+    count, out = sum(1 for _ in images.rglob("*.jpg")), run_dir / "predictions"
     run_cli(["predict", *common_args(task, data, run_dir, setup), "--ckpt_path", ckpt,
-             "--data.predict_root", str(images), *where])
+             "--data.predict_root", str(images), "--predictions.output_dir", str(out)])
     if task.name == "classification":
         rows = list(csv.DictReader((out / "predictions.csv").open()))
         ok = len(rows) == count and all(math.isfinite(float(r["probability"])) for r in rows)
@@ -522,14 +520,14 @@ def check_task(task: Task, setup: Setup) -> dict:
 def toy_backbones(enabled: bool):
     """Dry run: the tasks build timm's resnet18 layout at toy width, as tests/test_speed.py does, so
     that a fit takes seconds on a CPU; the rest is the GPU run's code. Undone on exit."""
-    originals = [module.create_backbone for module in TASK_MODULES]
+    originals = [module.create_backbone for module in NETWORK_MODULES]
     if enabled:
-        for module in TASK_MODULES:
+        for module in NETWORK_MODULES:
             module.create_backbone = partial(create_backbone, **TOY_RESNET)
     try:
         yield
     finally:
-        for module, original in zip(TASK_MODULES, originals):
+        for module, original in zip(NETWORK_MODULES, originals):
             module.create_backbone = original
 
 

@@ -9,15 +9,15 @@ ONNX or TorchScript file, written as `finetune predict` writes them from a check
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from finetune.callbacks.outputs import csv_header, csv_rows, save_mask, write_embeddings
 from finetune.data.folder import list_images
 from finetune.export.runtime import ExportedModel
+from finetune.writers import WRITERS
+
+# Files exported before the metadata named its writer.
+_WRITER_OF_TASK = {"classification": "csv", "segmentation": "masks", "embedding": "embeddings"}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -36,30 +36,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def predict(model: ExportedModel, paths: list[Path], out: Path, batch_size: int = 16, top_k: int = 5) -> Path:
-    """Writes the task's outputs under `out`; returns the main file or folder written."""
+def predict(model: ExportedModel, paths: list[Path], out: Path, batch_size: int = 16, top_k: int = 5) -> str:
+    """Writes the outputs under `out` with the writer the file's metadata names (as `finetune
+    predict` from a checkpoint does); returns the writer's line on what it wrote."""
     meta = model.metadata
-    batches = ((names, model.run(images)) for names, images in model.batches(paths, batch_size))
-    out.mkdir(parents=True, exist_ok=True)
-    if model.task == "classification":
-        target = out / "predictions.csv"
-        with target.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(csv_header(top_k))
-            for names, outputs in batches:
-                writer.writerows(csv_rows(names, outputs["probabilities"], meta["class_names"], top_k))
-        return target
-    if model.task == "segmentation":  # masks come out at each image's size: nothing to crop
-        for names, outputs in batches:
-            for name, mask in zip(names, outputs["mask"]):
-                save_mask(out, name, mask, meta["palette"])
-        return out / "masks"
-    names, vectors = [], []
-    for batch_names, outputs in batches:
-        names += batch_names
-        vectors.append(outputs["embedding"])
-    write_embeddings(out, np.concatenate(vectors), names)
-    return out
+    name = meta.get("writer") or _WRITER_OF_TASK.get(model.task)
+    if name not in WRITERS:
+        raise ValueError(f"--exported: {model.path} names writer {name!r}, which this finetune does not have; upgrade finetune")
+    files = WRITERS[name](out, meta["class_names"], meta.get("palette"), top_k)
+    for names, images in model.batches(paths, batch_size):  # masks come out at each image's size
+        files.write(names, model.run(images))
+    return files.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         written = predict(model, paths, Path(args.output), args.batch_size, args.top_k)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"finetune predict: {err}") from None
-    print(f"{len(paths)} images, {model.task} ({model.engine}): written to {written}")
+    print(f"{len(paths)} images, {model.task} ({model.engine}): {written}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """`finetune search`: the k nearest gallery images of each query, from `finetune predict` outputs.
 
     finetune predict --config configs/faces.yaml --ckpt_path best.ckpt --data.predict_root gallery/ \
-        --embeddings.output_dir runs/faces/gallery
-    finetune predict ... --data.predict_root queries/ --embeddings.output_dir runs/faces/queries
+        --predictions.output_dir runs/faces/gallery
+    finetune predict ... --data.predict_root queries/ --predictions.output_dir runs/faces/queries
     finetune search --gallery runs/faces/gallery --queries runs/faces/queries --k 5
 """
 

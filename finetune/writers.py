@@ -1,6 +1,7 @@
-"""The files `finetune predict` writes, as plain functions: the Lightning callbacks (from a
-checkpoint) and `finetune predict --exported` (no Lightning) both call them, so the two paths
-write the same CSV, mask PNGs and embeddings. Nothing here may import Lightning."""
+"""The files `finetune predict` writes. A task's contract names its writer (`WRITERS`); the
+Lightning callback (finetune.callbacks.predictions, from a checkpoint) and `finetune predict
+--exported` (no Lightning) both write through it, so the two paths write the same CSV, mask
+PNGs and embeddings. Nothing here may import Lightning or torch."""
 
 from __future__ import annotations
 
@@ -62,3 +63,102 @@ def build_index(embeddings: np.ndarray, path: Path) -> None:
     index = faiss.IndexFlatIP(embeddings.shape[1])  # exact search; embeddings are unit norm
     index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     faiss.write_index(index, str(path))
+
+
+class PredictionFiles:
+    """Writes one task's predictions, batch by batch, under `out`.
+
+    `reads`: the network outputs (finetune.models `predict`) the writer needs; only those leave
+    the device. `folder`: where under the run folder it writes when no folder is given.
+    `one_process`: the files are a whole (an index), so it cannot be written from DDP ranks."""
+
+    reads: tuple[str, ...] = ()
+    folder = "predictions"
+    one_process = False
+
+    def __init__(self, out: Path, class_names: list[str], palette=None, top_k: int = 5, rank: int | None = None):
+        self.out = Path(out)
+        self.class_names = class_names
+        self.palette = palette
+        self.top_k = top_k
+        self.rank = rank  # under DDP: this process's rank, for files of its own
+
+    def write(self, paths: list[str], outputs: dict[str, np.ndarray], sizes=None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> str:
+        """Finish the files; one line saying what was written where."""
+        raise NotImplementedError
+
+
+class ClassCSV(PredictionFiles):
+    """`predictions.csv`: path, predicted class, its probability, top-k. Rows are written (and
+    flushed) batch by batch, so a long run keeps what it has done; opened on the first batch."""
+
+    reads = ("probabilities",)
+    folder = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        name = "predictions.csv" if self.rank is None else f"predictions.rank{self.rank}.csv"
+        self.path = self.out / name
+        self._file = None
+
+    def write(self, paths, outputs, sizes=None) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", newline="")
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(csv_header(self.top_k))
+        self._writer.writerows(csv_rows(paths, outputs["probabilities"], self.class_names, self.top_k))
+        self._file.flush()
+
+    def close(self) -> str:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return f"predictions written to {self.path}"
+
+
+class MaskPNGs(PredictionFiles):
+    """`masks/<stem>.png` (class index per pixel, at the image's own size) and
+    `overlays/<stem>.png` (the class colours over the image)."""
+
+    reads = ("mask",)
+
+    def write(self, paths, outputs, sizes=None) -> None:
+        for i, (path, mask) in enumerate(zip(paths, outputs["mask"])):
+            if sizes is not None:  # a padded batch: the padding is dropped
+                height, width = sizes[i]
+                mask = mask[: int(height), : int(width)]
+            save_mask(self.out, path, mask, self.palette)
+
+    def close(self) -> str:
+        return f"masks written to {self.out / 'masks'}, overlays to {self.out / 'overlays'}"
+
+
+class EmbeddingIndex(PredictionFiles):
+    """`embeddings.npy`, `embeddings.csv` and `index.faiss` (see write_embeddings), at the end."""
+
+    reads = ("embedding",)
+    folder = "embeddings"
+    one_process = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paths: list[str] = []
+        self.vectors: list[np.ndarray] = []
+
+    def write(self, paths, outputs, sizes=None) -> None:
+        self.paths += list(paths)
+        self.vectors.append(outputs["embedding"])
+
+    def close(self) -> str:
+        if not self.vectors:
+            return "no images: no embeddings written"
+        write_embeddings(self.out, np.concatenate(self.vectors).astype(np.float32), self.paths)
+        return f"{len(self.paths)} embeddings and a FAISS index written to {self.out}"
+
+
+# A task's contract names one of these (finetune.contract.TaskContract.writer).
+WRITERS: dict[str, type[PredictionFiles]] = {"csv": ClassCSV, "masks": MaskPNGs, "embeddings": EmbeddingIndex}

@@ -40,7 +40,7 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 def finetune(*args: str) -> str:
     """`finetune ARGS` through the console script's main(), in-process; returns what it printed."""
-    from finetune.cli import main
+    from finetune.commands import main
 
     out = io.StringIO()
     with mock.patch.object(sys, "argv", ["finetune", *map(str, args)]), contextlib.redirect_stdout(out):
@@ -127,7 +127,7 @@ def reference(kind: str, task, inputs: torch.Tensor) -> dict[str, np.ndarray]:
         if kind == "classification":
             return {"probabilities": task(inputs).softmax(dim=1).numpy()}
         if kind == "segmentation":
-            probs = task.evaluate(inputs)
+            probs = task.net.probabilities(inputs)
             return {"probabilities": probs.numpy(), "mask": probs.argmax(dim=1).numpy()}
         return {"embedding": task(inputs).numpy()}
 
@@ -141,7 +141,7 @@ def test_parity_with_pytorch_at_batch_1_and_3(kind, file_format, exported, tasks
     model = ExportedModel(path)
     dm, task = data[kind], tasks[kind]
     if kind == "segmentation":  # not the size trained or sampled: height and width are dynamic
-        crops = [read_rgb(p)[3:43, 1:45] for p, _ in dm.splits["val"][:3]]
+        crops = [read_rgb(p)[3:43, 1:45] for p, _ in dm.splits.val[:3]]
         images = np.stack(crops)
         inputs = training_inputs(dm, torch.stack([dm.eval_transform()(image=c)["image"] for c in crops]))
     else:  # the DataModule's own validation batch against the runtime's reading of the same files
@@ -235,10 +235,11 @@ def test_onnx_runs_with_dynamic_batch(backbone, exported, tasks, tmp_path):
         path, task = exported("classification", "onnx")[0], tasks["classification"]
     else:
         task = ClassificationTask(4, backbone=backbone, pretrained=False).eval()
-        path = export_onnx(ExportGraph(task, "classification", mean, std), tmp_path / f"{backbone}.onnx", {"task": "classification"})
+        path = export_onnx(ExportGraph(task.net, task.contract.outputs, mean, std), tmp_path / f"{backbone}.onnx",
+                           {"task": "classification"})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", "height", "width", 3]
-    reference = pytorch_runner(task, "classification", mean, std)
+    reference = pytorch_runner(task.net, task.contract.outputs, mean, std)
     rng = np.random.default_rng(0)
     for shape in ((1, 32, 32, 3), (3, 48, 40, 3)):
         images = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -248,13 +249,9 @@ def test_onnx_runs_with_dynamic_batch(backbone, exported, tasks, tmp_path):
 
 
 def test_predict_exported_writes_what_predict_writes_without_lightning(exported, tasks, data, tmp_path):
-    from finetune.callbacks import (
-        EmbeddingWriter,
-        PredictionCSVWriter,
-        SegmentationMaskWriter,
-    )
+    from finetune.callbacks import PredictionWriter
 
-    inputs = {kind: data[kind].splits["val"] if kind == "segmentation" else data[kind].splits.val for kind in data}
+    inputs = {kind: data[kind].splits.val for kind in data}
     folders = {
         "classification": Path(inputs["classification"][0][0]).parents[1],
         "segmentation": Path(inputs["segmentation"][0][0]).parent,
@@ -270,13 +267,9 @@ def test_predict_exported_writes_what_predict_writes_without_lightning(exported,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no lightning" in result.stdout
 
-    # The same images through Lightning's predict from the checkpoint, written by our callbacks.
-    writers = {
-        "classification": PredictionCSVWriter(str(tmp_path / "ckpt_classification.csv")),
-        "segmentation": SegmentationMaskWriter(str(tmp_path / "ckpt_segmentation")),
-        "embedding": EmbeddingWriter(str(tmp_path / "ckpt_embedding")),
-    }
-    for kind, writer in writers.items():
+    # The same images through Lightning's predict from the checkpoint, written by our callback.
+    for kind in data:
+        writer = PredictionWriter(str(tmp_path / f"ckpt_{kind}"))
         dm = data[kind]
         dm.hparams.predict_root = str(folders[kind])
         trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
@@ -284,7 +277,7 @@ def test_predict_exported_writes_what_predict_writes_without_lightning(exported,
         trainer.predict(tasks[kind], dm, return_predictions=False)
 
     exported_rows = list(csv.DictReader((tmp_path / "classification" / "predictions.csv").open()))
-    ckpt_rows = list(csv.DictReader((tmp_path / "ckpt_classification.csv").open()))
+    ckpt_rows = list(csv.DictReader((tmp_path / "ckpt_classification" / "predictions.csv").open()))
     assert len(exported_rows) == len(ckpt_rows) == 24 and list(exported_rows[0]) == list(ckpt_rows[0])
     for ours, theirs in zip(exported_rows, ckpt_rows):
         assert (ours["path"], ours["prediction"]) == (theirs["path"], theirs["prediction"])
@@ -313,11 +306,11 @@ def test_safetensors_release_rebuilds_the_model_without_pickle(checkpoints, task
     config = yaml.safe_load((tmp_path / "release.yaml").read_text())  # plain YAML, no Python tags
     assert config["task"] == "segmentation" and config["model"]["init_args"]["pretrained"] is False
     weights = load_file(str(tmp_path / "release.safetensors"))  # plain tensors, no pickle
-    task = load_release(tmp_path / "release.safetensors", tmp_path / "release.yaml")
-    original = tasks["segmentation"]
+    network = load_release(tmp_path / "release.safetensors", tmp_path / "release.yaml")
+    original = tasks["segmentation"].net
     assert set(weights) == set(original.state_dict())
     for name, tensor in original.state_dict().items():
-        assert torch.equal(task.state_dict()[name], tensor), name
+        assert torch.equal(network.state_dict()[name], tensor), name
 
 
 def test_errors_are_one_line_naming_the_flag(checkpoints, tmp_path):

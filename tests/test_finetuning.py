@@ -50,12 +50,13 @@ def trainer(max_epochs: int, **kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
+def snapshot(task) -> dict[str, torch.Tensor]:
+    """The network's tensors, by name (`backbone.*`, `head.*`)."""
+    return {k: v.clone() for k, v in task.net.state_dict().items()}
 
 
-def changed(before: dict, module: nn.Module, prefix: str) -> set[str]:
-    after = module.state_dict()
+def changed(before: dict, task, prefix: str) -> set[str]:
+    after = task.net.state_dict()
     return {k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])}
 
 
@@ -66,7 +67,7 @@ def test_frozen_backbone_is_bit_identical_and_bn_statistics_untouched(colour_fol
     trainer(2).fit(task, dm)
     assert not changed(before, task, "backbone.")  # weights and BN running statistics
     assert changed(before, task, "head.")
-    head_params = sum(p.numel() for p in task.head.parameters())
+    head_params = sum(p.numel() for p in task.net.head.parameters())
     assert task.trainer.callback_metrics["train/trainable_params"] == head_params
 
 

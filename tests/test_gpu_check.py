@@ -41,7 +41,7 @@ def test_dry_run_passes_and_prints_every_section(tmp_path, capsys):
     assert figures["dry_run"] and not figures["failed"] and set(figures["tasks"]) == set(TASKS)
     assert figures["tasks"]["classification"]["images_per_s"]["raw loop"] > 0
     # the dry run's toy backbones are gone afterwards: other tests build the real ones
-    assert all(module.create_backbone is gpu_check.create_backbone for module in gpu_check.TASK_MODULES)
+    assert all(module.create_backbone is gpu_check.create_backbone for module in gpu_check.NETWORK_MODULES)
 
 
 def test_without_cuda_it_stops_at_once_with_one_line(capsys, monkeypatch):

@@ -19,17 +19,17 @@ def test_logits_match_input_size_for_odd_sizes(backbone, output_stride):
     assert logits.shape == (2, 4, 67, 45)
     assert torch.isfinite(logits).all()
     assert task.backbone.feature_info.reduction()[-1] == output_stride
-    first_conv = next(m for m in task.head.modules() if isinstance(m, nn.Conv2d))
+    first_conv = next(m for m in task.net.head.modules() if isinstance(m, nn.Conv2d))
     assert first_conv.in_channels == task.backbone.feature_info.channels()[-1]
 
 
 @pytest.mark.parametrize("output_stride, rates", [(16, (6, 12, 18)), (8, (12, 24, 36))])
 def test_atrous_rates_follow_output_stride(output_stride, rates):
     task = SegmentationTask(3, backbone="resnet18", pretrained=False, output_stride=output_stride)
-    dilations = tuple(m.dilation[0] for m in task.head[0].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    dilations = tuple(m.dilation[0] for m in task.net.head[0].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
     assert dilations == rates
     custom = SegmentationTask(3, backbone="resnet18", pretrained=False, atrous_rates=(2, 4, 6))
-    assert tuple(m.dilation[0] for m in custom.head[0].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)) == (2, 4, 6)
+    assert tuple(m.dilation[0] for m in custom.net.head[0].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)) == (2, 4, 6)
 
 
 def test_input_smaller_than_stride_is_a_clear_error():
@@ -41,9 +41,9 @@ def test_input_smaller_than_stride_is_a_clear_error():
 def test_aux_head_only_while_training_and_weights_the_loss():
     task = SegmentationTask(3, backbone="resnet18", pretrained=False, aux_loss_weight=0.5)
     images = torch.randn(2, 3, 64, 64)
-    assert task.train().forward_with_aux(images)[1].shape == (2, 3, 64, 64)
-    assert task.eval().forward_with_aux(images)[1] is None
-    assert SegmentationTask(3, backbone="resnet18", pretrained=False, aux_loss_weight=0).aux_head is None
+    assert task.train().net.forward_with_aux(images)[1].shape == (2, 3, 64, 64)
+    assert task.eval().net.forward_with_aux(images)[1] is None
+    assert SegmentationTask(3, backbone="resnet18", pretrained=False, aux_loss_weight=0).net.aux_head is None
 
 
 def test_ignored_pixels_count_in_neither_loss_nor_metrics():
@@ -65,7 +65,7 @@ def test_test_time_flip_and_scales_average_views():
     task = SegmentationTask(3, backbone="resnet18", pretrained=False, tta_flip=True, tta_scales=[0.75, 1.0]).eval()
     images = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
-        probs = task.evaluate(images)
+        probs = task.net.probabilities(images)
         views = [
             F.interpolate(task(F.interpolate(images, scale_factor=s, mode="bilinear") if s != 1 else images)
                           .softmax(1), size=(64, 48), mode="bilinear")

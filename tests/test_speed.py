@@ -38,7 +38,7 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
 def test_compiled_model_trains_and_keeps_its_parameter_names(colour_folder, tmp_path, monkeypatch):
     import torch._dynamo
 
-    import finetune.tasks.classification as classification
+    import finetune.models.classifier as classification
     from finetune.backbones import create_backbone
 
     # timm's resnet18 layout at toy width (1 block per stage): compiling it takes seconds, not minutes.
@@ -65,7 +65,7 @@ def test_compiled_backbone_stays_compiled_through_every_schedule(colour_folder, 
     recompile limit in epoch 3 and run uncompiled from then on."""
     import torch._dynamo
 
-    import finetune.tasks.classification as classification
+    import finetune.models.classifier as classification
     from finetune.backbones import create_backbone
     from finetune.compile import GRAPHS_PER_PHASE, CompiledGraphs, compile_backbone, schedule_phases
 

@@ -1,5 +1,4 @@
-"""Callbacks, imported on first use (PEP 562): `finetune.callbacks.outputs` (the prediction
-files) then loads without Lightning, which `finetune predict --exported` must not need."""
+"""Callbacks, imported on first use (PEP 562): importing one loads only its own module."""
 
 from __future__ import annotations
 
@@ -8,18 +7,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from finetune.callbacks.checkpoint import ModelCheckpoint
-    from finetune.callbacks.embedding import EmbeddingWriter, WandbEmbeddingLogger
+    from finetune.callbacks.embedding import WandbEmbeddingLogger
     from finetune.callbacks.media import WandbMediaLogger
-    from finetune.callbacks.predictions import PredictionCSVWriter
+    from finetune.callbacks.predictions import PredictionWriter
     from finetune.callbacks.progress import ProgressBar
-    from finetune.callbacks.segmentation import SegmentationMaskWriter, WandbMaskLogger
+    from finetune.callbacks.segmentation import WandbMaskLogger
 
 _MODULES = {
-    "EmbeddingWriter": "finetune.callbacks.embedding",
     "ModelCheckpoint": "finetune.callbacks.checkpoint",
-    "PredictionCSVWriter": "finetune.callbacks.predictions",
+    "PredictionWriter": "finetune.callbacks.predictions",
     "ProgressBar": "finetune.callbacks.progress",
-    "SegmentationMaskWriter": "finetune.callbacks.segmentation",
     "WandbEmbeddingLogger": "finetune.callbacks.embedding",
     "WandbMaskLogger": "finetune.callbacks.segmentation",
     "WandbMediaLogger": "finetune.callbacks.media",
@@ -34,12 +31,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "EmbeddingWriter",
     "GradientFlow",
     "ModelCheckpoint",
-    "PredictionCSVWriter",
+    "PredictionWriter",
     "ProgressBar",
-    "SegmentationMaskWriter",
     "WandbEmbeddingLogger",
     "WandbMaskLogger",
     "WandbMediaLogger",

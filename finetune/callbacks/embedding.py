@@ -1,15 +1,10 @@
-"""Embedding outputs: W&B ROC curve and projector table; `predict` writes embeddings + FAISS index."""
+"""Embedding outputs for people: W&B ROC curve and projector table."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from finetune.callbacks.media import _wandb_logger
-from finetune.callbacks.outputs import write_embeddings
 
 
 class WandbEmbeddingLogger(Callback):
@@ -39,24 +34,3 @@ class WandbEmbeddingLogger(Callback):
             "val/embeddings": table,
             "trainer/global_step": trainer.global_step,
         })
-
-
-class EmbeddingWriter(BasePredictionWriter):
-    """`finetune predict`: `<output_dir>/embeddings.npy` (float32, unit norm, one row per image),
-    `embeddings.csv` (row, path, identity = the image's folder name) and `index.faiss`
-    (inner product = cosine), which `finetune search` queries."""
-
-    def __init__(self, output_dir: str | None = None):
-        super().__init__(write_interval="epoch")
-        self.output_dir = output_dir
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        if not predictions or "embedding" not in predictions[0]:  # another task's predictions
-            return
-        if trainer.world_size > 1:
-            raise RuntimeError("finetune predict for embeddings runs on one device; set --trainer.devices 1")
-        out = Path(self.output_dir or Path(trainer.default_root_dir) / "embeddings")
-        embeddings = np.concatenate([p["embedding"].float().cpu().numpy() for p in predictions]).astype(np.float32)
-        paths = [path for p in predictions for path in p["path"]]
-        write_embeddings(out, embeddings, paths)
-        print(f"{len(paths)} embeddings and a FAISS index written to {out}")

@@ -1,16 +1,11 @@
-"""Segmentation outputs for people: W&B mask overlays and IoU table; PNG masks from predict."""
+"""Segmentation outputs for people: W&B mask overlays and IoU table."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from finetune.callbacks.media import _wandb_logger, to_uint8_images
-from finetune.callbacks.outputs import save_mask
-from finetune.data.images import read_rgb
 from finetune.data.segmentation_classes import default_palette
 
 
@@ -55,19 +50,3 @@ class WandbMaskLogger(Callback):
 
         table = wandb.Table(columns=["class", "IoU"], data=[[n, float(v)] for n, v in zip(pl_module.class_names, iou)])
         logger.experiment.log({"val/iou_per_class": table, "trainer/global_step": trainer.global_step})
-
-
-class SegmentationMaskWriter(BasePredictionWriter):
-    """`finetune predict`: `<output_dir>/masks/<stem>.png` (class index per pixel, at the
-    image's own size) and `<output_dir>/overlays/<stem>.png` (colours over the image)."""
-
-    def __init__(self, output_dir: str | None = None):
-        super().__init__(write_interval="batch")
-        self.output_dir = output_dir
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        out = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
-        palette = palette_for(trainer.datamodule, pl_module.hparams.num_classes)
-        for i, (path, mask) in enumerate(zip(prediction["path"], prediction["mask"].cpu().numpy())):
-            height, width = read_rgb(path).shape[:2] if prediction.get("size") is None else prediction["size"][i]
-            save_mask(out, path, mask[: int(height), : int(width)], palette)  # stride padding dropped

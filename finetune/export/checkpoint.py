@@ -1,5 +1,6 @@
-"""Load a `finetune fit` checkpoint for export: the task (pretrained weights never fetched), its
-kind, its preprocessing and its training config, as plain values."""
+"""Load a `finetune fit` checkpoint for export: the task's network (a plain nn.Module, rebuilt
+from the hyperparameters, pretrained weights never fetched), its contract, its preprocessing
+and its training config, as plain values. No LightningModule is built."""
 
 from __future__ import annotations
 
@@ -9,36 +10,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from finetune.backbones import data_config
-from finetune.data.segmentation_classes import default_palette, read_class_list
+from finetune.contract import TaskContract, build_network
 from finetune.export.metadata import plain
-from finetune.tasks import ClassificationTask, EmbeddingTask, SegmentationTask
-from finetune.tasks.base import FinetuneTask
+from finetune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
-
-KINDS = ((SegmentationTask, "segmentation"), (EmbeddingTask, "embedding"), (ClassificationTask, "classification"))
 
 
 @dataclass
 class Loaded:
-    task: FinetuneTask
-    kind: str  # classification | segmentation | embedding
-    preprocessing: dict  # input_size, mean, std, crop_pct, interpolation (+ min_input_size)
+    network: nn.Module  # in eval mode, with the checkpoint's weights
+    contract: TaskContract
+    hparams: dict  # the task's hyperparameters
+    preprocessing: Preprocessing
     config: dict  # {"model": {"class_path", "init_args"}, "data": {...} or None}
-    palette: list | None  # segmentation class colours
-    data_root: str | None
+    data: dict  # the DataModule's hyperparameters ({} if none were saved)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.get("class_names") or [str(i) for i in range(self.hparams["num_classes"])])
+
+    @property
+    def data_root(self) -> str | None:
+        return self.data.get("root")
+
+    def metadata_extras(self) -> dict:
+        return self.contract.metadata(self.hparams, self.data)
 
 
-def task_kind(task: FinetuneTask) -> str:
-    for cls, kind in KINDS:
-        if isinstance(task, cls):
-            return kind
-    raise ValueError(f"{type(task).__name__}: export knows ClassificationTask, SegmentationTask and EmbeddingTask")
+def task_class(class_path: str) -> type:
+    """The finetune task class a checkpoint or release names."""
+    from finetune.tasks.base import FinetuneTask
 
-
-def task_class(class_path: str) -> type[FinetuneTask]:
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -49,43 +54,28 @@ def task_class(class_path: str) -> type[FinetuneTask]:
     return cls
 
 
-def _class_path(hparams: dict) -> str:
-    # LightningCLI stores `_class_path`; a task built in Python has none, so tell by its arguments.
-    if "_class_path" in hparams:
-        return hparams["_class_path"]
-    if "output_stride" in hparams:
-        return "finetune.tasks.SegmentationTask"
-    if "margin_head" in hparams:
-        return "finetune.tasks.EmbeddingTask"
-    return "finetune.tasks.ClassificationTask"
-
-
 def _init_args(hparams: dict) -> dict:
     return plain({k: v for k, v in hparams.items() if not k.startswith("_")})
 
 
-def resolve_preprocessing(kind: str, backbone: str, data: dict, task: FinetuneTask) -> dict:
-    """As the DataModules resolve it: the data config's value, else the backbone's pretrained one."""
-    pretrained = data_config(backbone)
-    prep = {"mean": list(data.get("mean") or pretrained["mean"]), "std": list(data.get("std") or pretrained["std"])}
-    if kind == "segmentation":  # evaluated at full resolution (seg_eval_transform): no resize, no crop
-        return {"input_size": None, **prep, "crop_pct": None, "interpolation": None,
-                "min_input_size": task.hparams.output_stride}
-    size = data.get("image_size") or pretrained["input_size"][-1]
-    return {
-        "input_size": [3, size, size], **prep,
-        "crop_pct": data.get("crop_pct") or pretrained["crop_pct"],
-        "interpolation": data.get("interpolation") or pretrained["interpolation"],
-    }
+def resolve_preprocessing(contract: TaskContract, hparams: dict, data: dict) -> Preprocessing:
+    """The checkpoint's own (linked from the DataModule at fit); checkpoints from before it was
+    stored: resolved from the data config and the backbone's pretrained config as the
+    DataModules did."""
+    if hparams.get("preprocessing"):
+        return Preprocessing.from_dict(hparams["preprocessing"])
+    overrides = {key: data.get(key) for key in ("image_size", "mean", "std", "crop_pct", "interpolation")}
+    return Preprocessing.resolve(hparams["backbone"], **overrides, full_resolution=contract.full_resolution)
 
 
-def _palette(kind: str, num_classes: int, data: dict) -> list | None:
-    if kind != "segmentation":
-        return None
-    try:  # the colours of the data's classes.yaml, when the data is still where it was
-        return [list(c) for c in read_class_list(Path(data["root"]).expanduser(), data.get("class_names"))[1]]
-    except (KeyError, TypeError, OSError, ValueError):
-        return [list(c) for c in default_palette(num_classes)]
+def network_weights(network: nn.Module, state_dict: dict, path) -> dict:
+    """The network's tensors out of the task's state dict (`net.*`; older checkpoints: top level)."""
+    expected = network.state_dict()
+    found = {key: state_dict[f"net.{key}"] if f"net.{key}" in state_dict else state_dict.get(key) for key in expected}
+    missing = [key for key, tensor in found.items() if tensor is None]
+    if missing:
+        raise ValueError(f"--ckpt_path: {path} lacks {len(missing)} weights of the network (e.g. {missing[0]!r})")
+    return found
 
 
 def load_checkpoint(path: str | Path) -> Loaded:
@@ -93,24 +83,23 @@ def load_checkpoint(path: str | Path) -> Loaded:
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path: {path} does not exist; pass a checkpoint of `finetune fit` (runs/<name>/checkpoints/last.ckpt)")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: hyperparameters only
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001  (not a zip, not plain tensors: many error types)
         raise ValueError(f"--ckpt_path: {path} is not a PyTorch checkpoint ({type(err).__name__})") from None
     hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if not hparams or "backbone" not in hparams:
+    if not hparams or "backbone" not in hparams or "_class_path" not in hparams:
         raise ValueError(f"--ckpt_path: {path} has no finetune hyperparameters; export a checkpoint written by `finetune fit`")
-    class_path = _class_path(hparams)
-    # The checkpoint's weights replace the backbone's, so don't fetch pretrained ones (as cli.py does for predict).
-    task = task_class(class_path).load_from_checkpoint(path, map_location="cpu", pretrained=False, weights=None).eval()
-    kind = task_kind(task)
+    contract = task_class(hparams["_class_path"]).contract
+    network = build_network(contract.network, hparams)
+    network.load_state_dict(network_weights(network, raw["state_dict"], path))
     data = raw.get("datamodule_hyper_parameters") or {}
-    if not data:
+    if not data and not hparams.get("preprocessing"):
         log.warning("%s holds no data config: preprocessing from %s's pretrained config", path, hparams["backbone"])
     config = {
-        "model": {"class_path": class_path, "init_args": _init_args(hparams)},
+        "model": {"class_path": hparams["_class_path"], "init_args": _init_args(hparams)},
         "data": {"class_path": data.get("_class_path"), "init_args": _init_args(data)} if data else None,
     }
     return Loaded(
-        task=task, kind=kind, preprocessing=resolve_preprocessing(kind, hparams["backbone"], data, task),
-        config=config, palette=_palette(kind, len(task.class_names), data), data_root=data.get("root"),
+        network=network.eval(), contract=contract, hparams=dict(hparams),
+        preprocessing=resolve_preprocessing(contract, hparams, data), config=config, data=dict(data),
     )

@@ -74,10 +74,10 @@ def export(args: argparse.Namespace) -> Path:
     else:
         written = _export_graph(loaded, args, path)
         report = check_file(loaded, path, images, args.tolerance)
-    meta, count = loaded.preprocessing, len(loaded.task.class_names)
-    size = "any size" if meta["input_size"] is None else f"{meta['input_size'][-1]} px"
-    labels = f"{loaded.task.hparams.embedding_dim}-d" if loaded.kind == "embedding" else f"{count} classes"
-    print(f"exported {loaded.kind} ({loaded.task.hparams.backbone}, {labels}, {size}) to {written}")
+    size = loaded.preprocessing.input_size
+    outputs = ", ".join(loaded.contract.outputs)
+    print(f"exported {loaded.contract.name} ({loaded.hparams['backbone']}, {len(loaded.class_names)} classes, "
+          f"{'any size' if size is None else f'{size} px'}; outputs {outputs}) to {written}")
     print(report.summary())
     if not report.ok:
         raise SystemExit(f"finetune export: parity check failed for {path}; the file is kept for inspection")
@@ -89,12 +89,12 @@ def _export_graph(loaded, args: argparse.Namespace, path: Path) -> Path:
     from finetune.export.metadata import build_metadata
 
     prep = loaded.preprocessing
-    graph = ExportGraph(loaded.task, loaded.kind, prep["mean"], prep["std"], args.normalize_in_graph)
+    graph = ExportGraph(loaded.network, loaded.contract.outputs, prep.mean, prep.std, args.normalize_in_graph)
     metadata = build_metadata(loaded, args.format, args.normalize_in_graph)
     if args.format == "onnx":
         from finetune.export.onnx import export_onnx
 
-        return export_onnx(graph, path, metadata, min_size=prep.get("min_input_size") or 16)
+        return export_onnx(graph, path, metadata, min_size=metadata.get("min_input_size") or 16)
     from finetune.export.torchscript import export_torchscript
 
     return export_torchscript(graph, path, metadata)

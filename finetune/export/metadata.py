@@ -1,4 +1,4 @@
-"""What travels inside an exported file: task, classes, preprocessing, outputs, training config.
+"""What travels inside an exported file: task, writer, classes, preprocessing, outputs, training config.
 
 ONNX: one `metadata_props` entry per key, each value JSON. TorchScript: the same dict as JSON in
 the extra file `metadata.json`. Reading it needs onnx/onnxruntime or torch, and json: no
@@ -14,19 +14,6 @@ FORMAT_VERSION = 1
 TORCHSCRIPT_FILE = "metadata.json"
 INPUT_NAME = "image"
 
-# Output names, in the graph's order, and what each holds.
-OUTPUTS = {
-    "classification": {
-        "logits": "float32 [N, classes]",
-        "probabilities": "float32 [N, classes]: softmax of the logits",
-    },
-    "segmentation": {
-        "mask": "int64 [N, H, W]: class index per pixel, at the input's size",
-        "probabilities": "float32 [N, classes, H, W]: class probabilities, upsampled to the input's size",
-    },
-    "embedding": {"embedding": "float32 [N, D]: L2-normalised (cosine similarity is a dot product)"},
-}
-
 INPUTS = {
     True: "uint8 [N, H, W, 3] RGB, 0-255; normalised inside the graph",
     False: "float32 [N, 3, H, W] RGB, normalised: (pixel / 255 - mean) / std",
@@ -39,26 +26,25 @@ def plain(value):
 
 
 def build_metadata(loaded, file_format: str, normalize_in_graph: bool) -> dict:
-    """`loaded`: a finetune.export.checkpoint.Loaded."""
+    """`loaded`: a finetune.export.checkpoint.Loaded. The task's contract says the outputs (in
+    the graph's order), how predictions are written, and any extras (palette, embedding size)."""
     from finetune import __version__
 
-    hparams = loaded.task.hparams
+    contract = loaded.contract
     meta = {
         "format_version": FORMAT_VERSION,
         "producer": f"finetune {__version__}",
         "format": file_format,
-        "task": loaded.kind,
-        "backbone": hparams.backbone,
-        "class_names": list(loaded.task.class_names),
+        "task": contract.name,
+        "writer": contract.writer,
+        "backbone": loaded.hparams["backbone"],
+        "class_names": loaded.class_names,
         "input": {"name": INPUT_NAME, "layout": INPUTS[normalize_in_graph], "normalized_in_graph": normalize_in_graph},
-        **loaded.preprocessing,
-        "outputs": OUTPUTS[loaded.kind],
+        **loaded.preprocessing.to_dict(),
+        "outputs": dict(contract.outputs),
         "config": loaded.config,
+        **loaded.metadata_extras(),
     }
-    if loaded.kind == "segmentation":
-        meta["palette"] = loaded.palette
-    if loaded.kind == "embedding":
-        meta["embedding_dim"] = hparams.embedding_dim
     return plain(meta)
 
 

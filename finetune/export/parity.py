@@ -1,5 +1,5 @@
 """Parity at export: the written file (onnxruntime / TorchScript), or a rebuilt release, against the
-PyTorch task on real images, preprocessed as in training. Fails above a tolerance."""
+PyTorch network on real images, preprocessed as in training. Fails above a tolerance."""
 
 from __future__ import annotations
 
@@ -90,9 +90,9 @@ def normalized_like_training(images: np.ndarray, mean, std) -> torch.Tensor:
     return torch.from_numpy(np.stack([step(image=image)["image"] for image in images])).permute(0, 3, 1, 2).contiguous()
 
 
-def pytorch_runner(task, kind: str, mean, std) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """The task in eager PyTorch, fed as in training: uint8 images -> outputs by name."""
-    graph = ExportGraph(task, kind, mean, std, normalize_in_graph=False).eval()
+def pytorch_runner(network, output_names, mean, std) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """The network in eager PyTorch, fed as in training: uint8 images -> outputs by name."""
+    graph = ExportGraph(network, output_names, mean, std, normalize_in_graph=False).eval()
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
@@ -102,12 +102,16 @@ def pytorch_runner(task, kind: str, mean, std) -> Callable[[np.ndarray], dict[st
     return run
 
 
+def _reference(loaded, network=None):
+    prep = loaded.preprocessing
+    return pytorch_runner(network if network is not None else loaded.network, loaded.contract.outputs, prep.mean, prep.std)
+
+
 def check_file(loaded, path: str | Path, images: list[Path], tolerance: float = DEFAULT_TOLERANCE,
                batch_size: int = 8) -> ParityReport:
-    """An exported .onnx / TorchScript file against the PyTorch task."""
+    """An exported .onnx / TorchScript file against the PyTorch network."""
     model = ExportedModel(path)
-    prep = loaded.preprocessing
-    reference = pytorch_runner(loaded.task, loaded.kind, prep["mean"], prep["std"])
+    reference = _reference(loaded)
     report = ParityReport(tolerance, model.engine)
     for _, batch in model.batches(images, batch_size):
         report.add(reference(batch), model.run(batch))
@@ -115,11 +119,9 @@ def check_file(loaded, path: str | Path, images: list[Path], tolerance: float = 
 
 
 def check_rebuilt(loaded, rebuilt, images: list[Path], tolerance: float = DEFAULT_TOLERANCE) -> ParityReport:
-    """A task rebuilt from a release against the original task, on the same inputs."""
-    prep = loaded.preprocessing
-    original = pytorch_runner(loaded.task, loaded.kind, prep["mean"], prep["std"])
-    copy = pytorch_runner(rebuilt, loaded.kind, prep["mean"], prep["std"])
+    """A network rebuilt from a release against the original network, on the same inputs."""
+    original, copy = _reference(loaded), _reference(loaded, rebuilt)
     report = ParityReport(tolerance, "rebuilt from the release")
-    for _, batch in batches(images, Preprocess(prep)):
+    for _, batch in batches(images, Preprocess(loaded.preprocessing.to_dict())):
         report.add(original(batch), copy(batch))
     return report

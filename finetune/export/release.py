@@ -8,15 +8,16 @@ from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from finetune.contract import build_network
 from finetune.export.checkpoint import task_class
 from finetune.export.metadata import FORMAT_VERSION, plain
-from finetune.tasks.base import FinetuneTask
 
 _HEADER = """\
 # finetune weights-only release: rebuild the model from this file and the .safetensors beside it:
 #   from finetune.export.release import load_release
-#   task = load_release("{weights}", "{config}")
+#   network = load_release("{weights}", "{config}")
 """
 
 
@@ -29,28 +30,28 @@ def save_release(loaded, path: str | Path) -> tuple[Path, Path]:
     """`loaded`: a finetune.export.checkpoint.Loaded. Returns (weights, config) paths."""
     weights, config = release_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in loaded.task.state_dict().items()}
+    state = {name: tensor.detach().contiguous() for name, tensor in loaded.network.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "finetune-release", "config": config.name})
     model = loaded.config["model"]
     document = {
         "format_version": FORMAT_VERSION,
-        "task": loaded.kind,
+        "task": loaded.contract.name,
         # The weights are in the file beside: nothing to download or read at rebuild.
         "model": {"class_path": model["class_path"], "init_args": {**model["init_args"], "pretrained": False, "weights": None}},
-        "preprocessing": loaded.preprocessing,
+        "preprocessing": loaded.preprocessing.to_dict(),
         "data": loaded.config["data"],  # the training data config, for the record
     }
     config.write_text(_HEADER.format(weights=weights.name, config=config.name) + yaml.safe_dump(plain(document), sort_keys=False))
     return weights, config
 
 
-def load_release(weights: str | Path, config: str | Path) -> FinetuneTask:
-    """The task, in eval mode, from a release's .safetensors and .yaml."""
+def load_release(weights: str | Path, config: str | Path) -> nn.Module:
+    """The network (finetune.models), in eval mode, from a release's .safetensors and .yaml."""
     for path, flag in ((weights, "weights"), (config, "config")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: {path} does not exist; write it with `finetune export --format safetensors`")
     document = yaml.safe_load(Path(config).read_text())
     model = document["model"]
-    task = task_class(model["class_path"])(**{**model["init_args"], "pretrained": False, "weights": None})
-    task.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
-    return task.eval()
+    network = build_network(task_class(model["class_path"]).contract.network, model["init_args"])
+    network.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    return network.eval()

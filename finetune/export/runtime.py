@@ -13,26 +13,28 @@ import numpy as np
 
 from finetune.data.images import read_rgb
 from finetune.export.metadata import INPUT_NAME, TORCHSCRIPT_FILE, from_props
+from finetune.preprocessing import Preprocessing
 
 
 class Preprocess:
     """Image file -> uint8 HxWx3 RGB as the graph takes it: read and resized as the DataModules'
-    evaluation does (finetune.data: JPEG decode shrink, short-side resize, centre crop), without
-    the normalisation. Segmentation images keep their own size."""
+    evaluation does (the metadata's finetune.preprocessing.Preprocessing: JPEG decode shrink,
+    short-side resize, centre crop), without the normalisation. Full-resolution tasks
+    (segmentation) keep each image's own size."""
 
     def __init__(self, meta: dict):
         self.geometry = self.shrink = None
-        if meta.get("input_size") is None:
+        prep = Preprocessing.from_dict(meta)
+        if prep.input_size is None:
             return
         import albumentations as A
         from albumentations.pytorch import ToTensorV2
 
-        from finetune.data.transforms import ResizeShrink, eval_resize, eval_transform
+        from finetune.data.transforms import ResizeShrink, eval_resize
 
-        size = meta["input_size"][-1]
-        pipeline = eval_transform(size, meta["mean"], meta["std"], meta["crop_pct"], meta["interpolation"])
+        pipeline = prep.eval_transform(normalize=False)
         self.geometry = A.Compose([t for t in pipeline.transforms if not isinstance(t, (A.Normalize, ToTensorV2))])
-        self.shrink = ResizeShrink(eval_resize(size, meta["crop_pct"]))
+        self.shrink = ResizeShrink(eval_resize(prep.input_size, prep.crop_pct))
 
     def __call__(self, path: str | Path) -> np.ndarray:
         image = read_rgb(path, self.shrink)

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.core.module import _jit_is_scripting
 
 from finetune.export.graph import ExportGraph
 from finetune.export.metadata import TORCHSCRIPT_FILE
@@ -19,9 +18,9 @@ def export_torchscript(graph: ExportGraph, path: str | Path, metadata: dict) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Tracing (not scripting): the timm and task code is Python that TorchScript cannot compile.
     # Traced shape arithmetic stays dynamic; the parity check runs other batch sizes and sizes.
-    # `_jit_is_scripting` is what Lightning's own to_torchscript uses: without it the tracer reads
-    # the task's `trainer` property, which raises outside a Trainer.
-    with torch.no_grad(), _jit_is_scripting(), warnings.catch_warnings():
+    # The graph holds the plain network (finetune.models), no LightningModule, so Lightning's
+    # tracing workarounds are not needed.
+    with torch.no_grad(), warnings.catch_warnings():
         # TracerWarning: segmentation's minimum-size check is Python, so frozen (it passes at
         # 64x96). FutureWarning: torch 2.14 deprecates TorchScript; libtorch users still need it.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

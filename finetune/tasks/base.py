@@ -1,13 +1,16 @@
-"""What every task shares: freeze/unfreeze schedule, per-stage LRs, optimizer and schedule.
+"""What every task shares: freeze/unfreeze schedule, per-stage LRs, optimizer and schedule,
+DDP-exact evaluation, checkpoint hygiene and prediction.
 
-Subclasses build `self.backbone` and `self.head`, then call `self.setup_finetuning(config)`,
-and save these hyperparameters: optimizer, lr, weight_decay, momentum, scheduler,
-warmup_epochs, min_lr_ratio, finetuning.
+A task declares its `contract` (finetune.contract), builds `self.net` (a finetune.models
+network, from its own hyperparameters) and whatever trains beside it, then calls
+`self.setup_finetuning(config)`. It saves these hyperparameters: optimizer, lr, weight_decay,
+momentum, scheduler, warmup_epochs, min_lr_ratio, finetuning, preprocessing.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -15,11 +18,13 @@ from torch import nn
 from torchmetrics import Metric
 
 from finetune import finetuning as ft
+from finetune.contract import TaskContract
 from finetune.distributed import PaddingCounter, average_gradients, check_strategy
 from finetune.lightning_internals import is_logging_step, log_now
 from finetune.optim import build_optimizer, build_scheduler, decay_split
 from finetune.tasks.running_means import RunningMeans
 from finetune.weights import check_checkpoint_matches, plain_hyperparameters
+from finetune.writers import WRITERS
 
 HEAD_STAGE = -1  # stage index of the head's optimizer groups: always trainable
 # Past this many classes per-class scalars flood the logger; W&B tables still have them.
@@ -31,18 +36,16 @@ def _first(loaders):
 
 
 class FinetuneTask(L.LightningModule):
-    backbone: nn.Module
-    head: nn.Module
+    contract: ClassVar[TaskContract]
+    net: nn.Module
 
-    def __setattr__(self, name: str, value) -> None:
-        # Lightning sets `_current_fx_name` around every hook, ~46 times a training step.
-        # nn.Module.__setattr__ checks the value against Parameter, Buffer and Module first
-        # (~2.4 us here, against 0.3 us for a plain attribute): ~0.09 ms a step of framework
-        # overhead (benchmarks/overhead.py). It is a plain string, never a parameter or module.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    @property
+    def backbone(self) -> nn.Module:
+        """The pretrained part, which the freeze/unfreeze schedule and per-stage LRs act on."""
+        return self.net.backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
 
     def setup_finetuning(self, config: ft.FinetuningConfig | None) -> None:
         self.stages = ft.backbone_stages(self.backbone)
@@ -92,13 +95,27 @@ class FinetuneTask(L.LightningModule):
         # Runs before the strategy wraps the model in DDP: what is trainable now is what DDP
         # will all-reduce. Stages unfrozen later are averaged in optimizer_step's closure.
         self._ddp_managed = {id(p) for p in self.parameters() if p.requires_grad}
+        # The data's preprocessing goes into the hyperparameters, so that every checkpoint says
+        # how its images were prepared (export, the Lightning-free runner). The CLI links it at
+        # construction; a task built in Python gets it here.
+        datamodule = self.trainer.datamodule
+        if self.hparams.get("preprocessing") is None and hasattr(datamodule, "preprocessing_config"):
+            self.hparams["preprocessing"] = datamodule.preprocessing_config
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Which task to rebuild, also for a task built in Python (LightningCLI stores it itself).
+        hparams = checkpoint.setdefault("hyper_parameters", {})
+        hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
         plain_hyperparameters(checkpoint)  # loadable with torch.load(weights_only=True)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Another backbone or class count: one line, before load_state_dict's size-mismatch wall.
-        check_checkpoint_matches(self.hparams, checkpoint, self._trainer.ckpt_path if self._trainer else None)
+        try:
+            path = self.trainer.ckpt_path
+        except RuntimeError:  # load_from_checkpoint: no trainer
+            path = None
+        check_checkpoint_matches(self.hparams, checkpoint, path)
+        rename_legacy_keys(checkpoint.get("state_dict", {}), self.state_dict())
 
     def on_train_start(self) -> None:
         # Lightning 2.6 skips on_train_epoch_start when it resumes mid-epoch: without this, a
@@ -185,11 +202,18 @@ class FinetuneTask(L.LightningModule):
             rates[f"lr/{group['name']}"] = 0.0 if frozen else group["lr"]
         log_now(self.trainer, rates)
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """The network's outputs that the contract's writer reads (only those leave the device)."""
+        outputs = self.net.predict(batch["image"])
+        kept = {name: outputs[name] for name in WRITERS[self.contract.writer].reads}
+        return {"path": batch["path"], **kept, "size": batch.get("size")}
+
     def param_groups(self) -> list[dict]:
         """The head at `lr`, then each backbone stage at `lr * multiplier`: all from step one."""
         hp = self.hparams
-        # Everything outside the backbone (head, auxiliary heads) trains at the base LR.
-        new_layers = [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+        # Everything outside the backbone (heads, necks, margin heads) trains at the base LR.
+        pretrained = {id(p) for p in self.backbone.parameters()}
+        new_layers = [p for p in self.parameters() if id(p) not in pretrained]
         groups = decay_split("head", new_layers, hp.weight_decay, hp.lr, stage=HEAD_STAGE)
         multipliers = ft.lr_multipliers(self.finetuning, len(self.stages))
         for index, (stage, mult) in enumerate(zip(self.stages, multipliers)):
@@ -203,3 +227,10 @@ class FinetuneTask(L.LightningModule):
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total - 1, round(hp.warmup_epochs * steps_per_epoch)) if total > 1 else 0
         return {"optimizer": optimizer, "lr_scheduler": build_scheduler(hp.scheduler, optimizer, total, warmup, hp.min_lr_ratio)}
+
+
+def rename_legacy_keys(saved: dict, expected: dict) -> None:
+    """Checkpoints from before the networks moved into `self.net` hold `backbone.*`, `head.*`:
+    their keys, in place, under `net.` where that is where the task keeps them now."""
+    for key in [k for k in saved if k not in expected and f"net.{k}" in expected]:
+        saved[f"net.{key}"] = saved.pop(key)

@@ -1,4 +1,4 @@
-"""Image classification: timm backbone + pooled linear head + cross-entropy."""
+"""Image classification: finetune.models.Classifier trained with cross-entropy."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from finetune.backbones import Pretrained, create_backbone
+from finetune.backbones import Pretrained
+from finetune.contract import TaskContract
 from finetune.finetuning import FinetuningConfig
-from finetune.heads.classification import ClassificationHead
+from finetune.models import Classifier
 from finetune.optim import OptimizerName, SchedulerName
 from finetune.tasks.base import FinetuneTask
 
@@ -29,8 +30,19 @@ def _summary_metrics(num_classes: int, prefix: str) -> MetricCollection:
 class ClassificationTask(FinetuneTask):
     """Everything is a plain value so a checkpoint rebuilds the model without the config.
 
-    `num_classes` and `class_names` are linked from the DataModule by the CLI.
+    `num_classes`, `class_names` and `preprocessing` are linked from the DataModule by the CLI.
     """
+
+    contract = TaskContract(
+        name="classification",
+        network=Classifier,
+        outputs={
+            "logits": "float32 [N, classes]",
+            "probabilities": "float32 [N, classes]: softmax of the logits",
+        },
+        writer="csv",
+        monitor="val/acc",
+    )
 
     def __init__(
         self,
@@ -51,14 +63,14 @@ class ClassificationTask(FinetuneTask):
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
         finetuning: FinetuningConfig | None = None,
+        preprocessing: dict | None = None,
     ):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names for num_classes={num_classes}")
         self.save_hyperparameters()
         self.class_names = class_names or [str(i) for i in range(num_classes)]
-        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
-        self.head = ClassificationHead(self.backbone.num_features, num_classes, pool, hidden_dim, dropout)
+        self.net = Classifier.from_hparams(self.hparams)
         self.setup_finetuning(finetuning)
         self.val_metrics = _summary_metrics(num_classes, "val/")
         self.test_metrics = _summary_metrics(num_classes, "test/")
@@ -70,9 +82,6 @@ class ClassificationTask(FinetuneTask):
         self.val_per_class = MulticlassAccuracy(num_classes, average=None)
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion_matrix: torch.Tensor | None = None  # last validation's, for loggers
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
@@ -102,6 +111,3 @@ class ClassificationTask(FinetuneTask):
         self.update_metrics(self(batch["image"]), batch["label"], self.test_loss, self.test_metrics)
         self.log("test/loss", self.test_loss)
         self.log_dict(self.test_metrics)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"path": batch["path"], "probs": self(batch["image"]).softmax(dim=1)}

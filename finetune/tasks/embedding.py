@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from finetune.backbones import Pretrained, create_backbone
+from finetune.backbones import Pretrained
+from finetune.contract import TaskContract
 from finetune.finetuning import FinetuningConfig
-from finetune.heads.embedding import EmbeddingNeck, MarginHead, MarginKind, as_class_indices
+from finetune.heads.embedding import MarginHead, MarginKind, as_class_indices
 from finetune.metrics.embedding import (
     balanced_pairs,
     read_lfw_pairs,
@@ -16,6 +17,7 @@ from finetune.metrics.embedding import (
     roc_curve,
     verification_metrics,
 )
+from finetune.models import EmbeddingNet
 from finetune.optim import OptimizerName, SchedulerName
 from finetune.tasks.base import FinetuneTask
 
@@ -28,9 +30,23 @@ def _rows(row_of: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def embedding_metadata(hparams: dict, data: dict) -> dict:
+    return {"embedding_dim": hparams["embedding_dim"]}
+
+
 class EmbeddingTask(FinetuneTask):
-    """`num_classes` is the number of training identities (linked from the data by the CLI);
-    the margin head's weight matrix has one row per identity (per sub-centre)."""
+    """finetune.models.EmbeddingNet trained through a margin head (`self.head`, ArcFace-family),
+    which only training uses. `num_classes` is the number of training identities (linked from
+    the data by the CLI); the margin head's weight matrix has one row per identity (per sub-centre)."""
+
+    contract = TaskContract(
+        name="embedding",
+        network=EmbeddingNet,
+        outputs={"embedding": "float32 [N, D]: L2-normalised (cosine similarity is a dot product)"},
+        writer="embeddings",
+        monitor="val/tar@far=1e-2",
+        metadata=embedding_metadata,
+    )
 
     def __init__(
         self,
@@ -55,12 +71,12 @@ class EmbeddingTask(FinetuneTask):
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.0,
         finetuning: FinetuningConfig | None = None,
+        preprocessing: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.class_names = class_names or [str(i) for i in range(num_classes)]
-        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
-        self.neck = EmbeddingNeck(self.backbone.num_features, embedding_dim, dropout)
+        self.net = EmbeddingNet.from_hparams(self.hparams)
         self.head = MarginHead(embedding_dim, num_classes, margin_head, logit_scale, margin, subcenters)
         self.setup_finetuning(finetuning)
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -68,16 +84,9 @@ class EmbeddingTask(FinetuneTask):
         self.val_labels: torch.Tensor | None = None
         self.roc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def embed_unnormalised(self, images: torch.Tensor) -> torch.Tensor:
-        return self.neck(self.backbone(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit-norm embeddings: cosine similarity is a dot product."""
-        return F.normalize(self.embed_unnormalised(images).float(), dim=1)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labels = as_class_indices(batch["label"])
-        logits = self.head(self.embed_unnormalised(batch["image"]), labels)
+        logits = self.head(self.net.embed_unnormalised(batch["image"]), labels)
         loss = F.cross_entropy(logits, labels)
         # Accuracy with the margin in the target logit: a lower bound of the nearest-centre accuracy.
         acc = (logits.argmax(dim=1) == labels).float().mean()
@@ -126,6 +135,3 @@ class EmbeddingTask(FinetuneTask):
         first, second = _rows(row_of, first), _rows(row_of, second)
         keep = (first >= 0) & (second >= 0)
         return first[keep], second[keep], same[keep], None if folds is None else folds[keep]
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"path": batch["path"], "embedding": self(batch["image"])}

@@ -1,0 +1,46 @@
+"""What a task promises the rest of the tool, declared once on the task class (`contract`).
+
+Export, `finetune predict` (from a checkpoint or an exported file) and the CLI read a task
+through this, never by testing its type or the keys of its outputs:
+
+- `name`: the task's name in exported metadata (`task`) and messages;
+- `network`: the plain `nn.Module` class the task trains (finetune.models); its
+  `from_hparams(hparams)` builds it from the task's hyperparameters, in the task and, without
+  Lightning, from a checkpoint for export;
+- `outputs`: the names of `network.predict(images)`'s outputs, in the exported graph's order,
+  with what each holds (written into the exported file's metadata);
+- `writer`: the finetune.writers name of how predictions become files;
+- `monitor`, `mode`: the validation metric the best checkpoint is chosen by;
+- `full_resolution`: images are evaluated at their own size (no resize, no crop);
+- `metadata`: extra metadata from (model hyperparameters, data hyperparameters): a
+  segmentation palette, an embedding size.
+
+No torch or Lightning import here: `finetune predict --exported` reads exported metadata alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def no_extras(hparams: dict, data: dict) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class TaskContract:
+    name: str
+    network: type
+    outputs: dict[str, str]
+    writer: str
+    monitor: str
+    mode: str = "max"
+    full_resolution: bool = False
+    metadata: Callable[[dict, dict], dict] = field(default=no_extras)
+
+
+def build_network(network: type, hparams: dict):
+    """`network` as a checkpoint's hyperparameters describe it, with no pretrained weights
+    fetched or read: the checkpoint's own weights go in next."""
+    return network.from_hparams({**hparams, "pretrained": False, "weights": None})
