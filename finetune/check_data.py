@@ -33,16 +33,20 @@ def _add_json(parser) -> None:
 
 
 def _parse(args: list[str] | None):
-    """The `data` section (class and arguments), the model's output stride and --json, parsed as
+    """The `data` section (class and arguments), the model's smallest input side (its contract's
+    `min_input_size`: a segmentation network's output stride) and --json, parsed as
     `finetune fit` parses them (same parser, same one-line errors), nothing instantiated."""
     from finetune.cli import create_cli  # Lightning: imported only when the command runs
 
     cli = create_cli(args, run=False, instantiate=False, extra_arguments=_add_json)
-    data = cli.config.data
-    module, _, name = data.class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    model_args = cli.config.model.get("init_args") or {}
-    return cls, dict(data.init_args.as_dict()), model_args.get("output_stride"), cli.config.json
+    data, model = cli.config.data, cli.config.model
+    min_side = _class(model.class_path).contract.min_input_size(dict(model.init_args.as_dict()))
+    return _class(data.class_path), dict(data.init_args.as_dict()), min_side, cli.config.json
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def build(cls, kwargs: dict, min_side: int | None = None) -> DataReport:

@@ -12,6 +12,8 @@ through this, never by testing its type or the keys of its outputs:
 - `writer`: the finetune.writers name of how predictions become files;
 - `monitor`, `mode`: the validation metric the best checkpoint is chosen by;
 - `full_resolution`: images are evaluated at their own size (no resize, no crop);
+- `min_input_size`: the smallest image side the network takes, from the hyperparameters (a
+  segmentation network's output stride), for `check-data` and exported metadata;
 - `metadata`: extra metadata from (model hyperparameters, data hyperparameters): a
   segmentation palette, an embedding size.
 
@@ -28,6 +30,10 @@ def no_extras(hparams: dict, data: dict) -> dict:
     return {}
 
 
+def any_size(hparams: dict) -> int | None:
+    return None
+
+
 @dataclass(frozen=True)
 class TaskContract:
     name: str
@@ -37,6 +43,7 @@ class TaskContract:
     monitor: str
     mode: str = "max"
     full_resolution: bool = False
+    min_input_size: Callable[[dict], int | None] = field(default=any_size)
     metadata: Callable[[dict, dict], dict] = field(default=no_extras)
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger("finetune")
 
 # The config sections whose keys our messages start with.
 _KEYED = re.compile(
-    r"^(model|data|trainer|checkpoint|ckpt_path|predictions|embeddings|nonfinite|interruption|weights_only"
+    r"^(model|data|trainer|checkpoint|ckpt_path|predictions|nonfinite|interruption|weights_only"
     r"|seed_everything|config)[\w.\[\]]*: "
 )
 

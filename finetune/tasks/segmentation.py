@@ -27,7 +27,11 @@ def segmentation_metadata(hparams: dict, data: dict) -> dict:
         palette = read_class_list(Path(data["root"]).expanduser(), data.get("class_names"))[1]
     except (KeyError, TypeError, OSError, ValueError):
         palette = default_palette(hparams["num_classes"])
-    return {"palette": [list(c) for c in palette], "min_input_size": hparams["output_stride"]}
+    return {"palette": [list(c) for c in palette], "min_input_size": output_stride(hparams)}
+
+
+def output_stride(hparams: dict) -> int:
+    return hparams["output_stride"]
 
 
 class SegmentationTask(FinetuneTask):
@@ -44,6 +48,7 @@ class SegmentationTask(FinetuneTask):
         writer="masks",
         monitor="val/miou",
         full_resolution=True,
+        min_input_size=output_stride,
         metadata=segmentation_metadata,
     )
 
