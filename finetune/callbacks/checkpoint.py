@@ -14,7 +14,7 @@ class ModelCheckpoint(internals.CheckedModelCheckpoint):
 
     `save_last_every_n_train_steps`: also refresh last.ckpt every N optimizer steps, so that a
     run killed without warning (`kill -9`, a lost node) loses at most N steps; the resumed run
-    skips the batches already trained (finetune/callbacks/interruption.py). Lightning's own
+    skips the batches already trained (finetune/data/resume.py). Lightning's own
     `every_n_train_steps` is no substitute: it also saves top-k files mid-epoch on the last
     validation's score, waits for the first validation before saving anything, and turns
     the per-epoch top-k saves off.
