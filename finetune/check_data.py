@@ -11,7 +11,6 @@ that training would skip are reported, not fatal.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
+from finetune.contract import contract_of, import_class
 from finetune.data.report import DataReport
 from finetune.data.screening import screening
 
@@ -40,13 +40,8 @@ def _parse(args: list[str] | None):
 
     cli = create_cli(args, run=False, instantiate=False, extra_arguments=_add_json)
     data, model = cli.config.data, cli.config.model
-    min_side = _class(model.class_path).contract.min_input_size(dict(model.init_args.as_dict()))
-    return _class(data.class_path), dict(data.init_args.as_dict()), min_side, cli.config.json
-
-
-def _class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    min_side = contract_of(model.class_path).min_input_size(dict(model.init_args.as_dict()))
+    return import_class(data.class_path), dict(data.init_args.as_dict()), min_side, cli.config.json
 
 
 def build(cls, kwargs: dict, min_side: int | None = None) -> DataReport:

@@ -6,7 +6,6 @@ it for `finetune` (finetune.commands, the entry point), `finetune check-data` an
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import os
@@ -31,6 +30,7 @@ from finetune.callbacks.nonfinite import NonFiniteGuard  # noqa: E402
 from finetune.callbacks.predictions import PredictionWriter  # noqa: E402
 from finetune.callbacks.progress import ProgressBar  # noqa: E402
 from finetune.compile import CompiledGraphs  # noqa: E402
+from finetune.contract import contract_of  # noqa: E402
 from finetune.errors import (  # noqa: E402
     FinetuneError,
     UnsafeFileError,
@@ -237,13 +237,13 @@ def _monitor_from_contract(config) -> None:
     checkpoint = config.checkpoint
     if checkpoint.monitor is not None and checkpoint.mode is not None:
         return
-    module, _, name = config.model.class_path.rpartition(".")
-    contract = getattr(getattr(importlib.import_module(module), name), "contract", None)
-    if contract is None:
+    try:
+        contract = contract_of(config.model.class_path)
+    except TypeError:
         raise FinetuneError(
             f"checkpoint.monitor: {config.model.class_path} declares no contract to take the metric from; "
             "pass --checkpoint.monitor and --checkpoint.mode"
-        )
+        ) from None
     checkpoint.monitor = checkpoint.monitor or contract.monitor
     checkpoint.mode = checkpoint.mode or contract.mode
 

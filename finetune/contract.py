@@ -47,6 +47,30 @@ class TaskContract:
     metadata: Callable[[dict, dict], dict] = field(default=no_extras)
 
 
+def import_class(class_path: str) -> type:
+    """The class a config or checkpoint names by its import path (`finetune.tasks.ClassificationTask`)."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"{class_path!r} cannot be imported; is the package that defines it installed?") from None
+
+
+def contract_of(class_path: str) -> TaskContract:
+    """The contract of the task class `class_path` names."""
+    contract = getattr(import_class(class_path), "contract", None)
+    if not isinstance(contract, TaskContract):
+        raise TypeError(f"model class {class_path!r} is not a finetune task: it declares no TaskContract")
+    return contract
+
+
+def class_names_of(hparams) -> list[str]:
+    """A task's class names: the data's, or the class indices where it was built without them."""
+    return list(hparams.get("class_names") or [str(i) for i in range(hparams["num_classes"])])
+
+
 def build_network(network: type, hparams: dict):
     """`network` as a checkpoint's hyperparameters describe it, with no pretrained weights
     fetched or read: the checkpoint's own weights go in next."""

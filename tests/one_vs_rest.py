@@ -61,7 +61,6 @@ class OneVsRestTask(FinetuneTask):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.net = OneVsRestNet.from_hparams(self.hparams)
         self.setup_finetuning(finetuning)
         self.val_loss = MeanMetric(nan_strategy="disable")

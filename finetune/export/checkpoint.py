@@ -4,7 +4,6 @@ and its training config, as plain values. No LightningModule is built."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.contract import TaskContract, build_network
+from finetune.contract import TaskContract, build_network, class_names_of, contract_of
 from finetune.export.metadata import plain
 from finetune.preprocessing import Preprocessing
 
@@ -30,7 +29,7 @@ class Loaded:
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.hparams.get("class_names") or [str(i) for i in range(self.hparams["num_classes"])])
+        return class_names_of(self.hparams)
 
     @property
     def data_root(self) -> str | None:
@@ -38,20 +37,6 @@ class Loaded:
 
     def metadata_extras(self) -> dict:
         return self.contract.metadata(self.hparams, self.data)
-
-
-def task_class(class_path: str) -> type:
-    """The finetune task class a checkpoint or release names."""
-    from finetune.tasks.base import FinetuneTask
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"model class {class_path!r} cannot be imported; is the package that defines it installed?") from None
-    if not (isinstance(cls, type) and issubclass(cls, FinetuneTask)):
-        raise TypeError(f"model class {class_path!r} is not a finetune task")
-    return cls
 
 
 def _init_args(hparams: dict) -> dict:
@@ -89,7 +74,7 @@ def load_checkpoint(path: str | Path) -> Loaded:
     hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     if not hparams or "backbone" not in hparams or "_class_path" not in hparams:
         raise ValueError(f"--ckpt_path: {path} has no finetune hyperparameters; export a checkpoint written by `finetune fit`")
-    contract = task_class(hparams["_class_path"]).contract
+    contract = contract_of(hparams["_class_path"])
     network = build_network(contract.network, hparams)
     network.load_state_dict(network_weights(network, raw["state_dict"], path))
     data = raw.get("datamodule_hyper_parameters") or {}

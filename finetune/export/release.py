@@ -10,8 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from finetune.contract import build_network
-from finetune.export.checkpoint import task_class
+from finetune.contract import build_network, contract_of
 from finetune.export.metadata import FORMAT_VERSION, plain
 
 _HEADER = """\
@@ -52,6 +51,6 @@ def load_release(weights: str | Path, config: str | Path) -> nn.Module:
             raise FileNotFoundError(f"{flag}: {path} does not exist; write it with `finetune export --format safetensors`")
     document = yaml.safe_load(Path(config).read_text())
     model = document["model"]
-    network = build_network(task_class(model["class_path"]).contract.network, model["init_args"])
+    network = build_network(contract_of(model["class_path"]).network, model["init_args"])
     network.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     return network.eval()

@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from finetune import finetuning as ft
-from finetune.contract import TaskContract
+from finetune.contract import TaskContract, class_names_of
 from finetune.distributed import PaddingCounter, average_gradients, check_strategy
 from finetune.lightning_internals import is_logging_step, log_now
 from finetune.optim import build_optimizer, build_scheduler, decay_split
@@ -38,6 +38,11 @@ def _first(loaders):
 class FinetuneTask(L.LightningModule):
     contract: ClassVar[TaskContract]
     net: nn.Module
+
+    @property
+    def class_names(self) -> list[str]:
+        """The data's class names (`class_names`, linked by the CLI), else the class indices."""
+        return class_names_of(self.hparams)
 
     @property
     def backbone(self) -> nn.Module:

@@ -69,7 +69,6 @@ class ClassificationTask(FinetuneTask):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names for num_classes={num_classes}")
         self.save_hyperparameters()
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.net = Classifier.from_hparams(self.hparams)
         self.setup_finetuning(finetuning)
         self.val_metrics = _summary_metrics(num_classes, "val/")

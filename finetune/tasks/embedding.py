@@ -75,7 +75,6 @@ class EmbeddingTask(FinetuneTask):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.net = EmbeddingNet.from_hparams(self.hparams)
         self.head = MarginHead(embedding_dim, num_classes, margin_head, logit_scale, margin, subcenters)
         self.setup_finetuning(finetuning)

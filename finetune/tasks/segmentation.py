@@ -82,7 +82,6 @@ class SegmentationTask(FinetuneTask):
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"model.class_weights has {len(class_weights)} values for num_classes={num_classes}")
         self.save_hyperparameters()
-        self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.net = DeepLabV3.from_hparams(self.hparams)
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float) if class_weights else None)
         self.setup_finetuning(finetuning)
