@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.bad_images import BadFiles, SkipBadImages
@@ -50,6 +51,8 @@ class FolderDataModule(ResumePosition, NormalizeOnDevice, SkipBadImages, DataLoa
         self.splits = self.scan_folder(hp.root, hp.val_fraction, hp.seed)
         self.report = self.data_report()
         self.num_workers = hp.num_workers
+        if getattr(hp, "sampler", "shuffle") == "balanced":
+            self.train_labels()  # a DataModule without labels fails here, before a model is built
         log.info(
             "%s: %d classes, %d train / %d val / %d test images; %s, mean %s, std %s",
             hp.root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
@@ -107,6 +110,29 @@ class FolderDataModule(ResumePosition, NormalizeOnDevice, SkipBadImages, DataLoa
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def train_labels(self) -> list[int]:
+        """The class label of each train item, in order: what `sampler: balanced` draws by."""
+        labels = self._train_labels()
+        if labels is None:
+            raise ValueError(f"data.sampler: balanced needs one class label per image; {type(self).__name__} has none")
+        return labels
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Train images per class (length `num_classes`): for inverse-frequency class weights."""
+        labels = self._train_labels()
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} has no class label per image to count classes by")
+        return torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=self.num_classes).tolist()
+
+    def _train_labels(self) -> list[int] | None:
+        """Labels of (path, class index) train items; None where items carry none (segmentation's
+        (image, mask) pairs: its classes are mask values)."""
+        items = self.splits.train
+        if not self.splits.class_names or not all(isinstance(item, tuple) and isinstance(item[1], int) for item in items):
+            return None
+        return [label for _, label in items]
 
     # -- loaders ------------------------------------------------------------------------------
 

@@ -64,7 +64,8 @@ class DataLoaderWorkers:
 
 
 def data_loader(datamodule, dataset: Dataset, shuffle: bool, collate_fn=None) -> DataLoader:
-    """Training order from EpochShuffleSampler (resumable, DDP-exact), persistent workers
+    """Training order from EpochShuffleSampler, or BalancedSampler with `sampler: balanced`
+    (both resumable, DDP-exact: finetune.data.sampling.train_sampler), persistent workers
     (no re-spawn each epoch), pinned memory when there is a GPU to copy to."""
     batch_size, workers = datamodule.hparams.batch_size, datamodule.num_workers
     return DataLoader(

@@ -14,7 +14,8 @@ import random
 import warnings
 
 import numpy as np
-from torch.utils.data import DistributedSampler
+import torch
+from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,62 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __iter__(self):
         epoch = self.epoch
-        indices = list(super().__iter__())
+        indices = self.rank_indices()
         if epoch == self.resume_epoch:
             indices = indices[self.resume_skip:]
         return iter([(index, epoch) for index in indices])
+
+    def rank_indices(self) -> list[int]:
+        """This rank's share of the epoch's order, before any resume skip."""
+        return list(super().__iter__())
+
+
+RARE_CLASS = 5  # fewer train images than this: reported as repeated by BalancedSampler
+
+
+class BalancedSampler(EpochShuffleSampler):
+    """EpochShuffleSampler whose epoch draws `len(dataset)` indices with replacement, every
+    class equally often in expectation (WeightedRandomSampler, weights 1 / class count).
+
+    The global draw is f(seed, epoch); DistributedSampler (shuffle off) then pads and shards its
+    positions across ranks as it would a permutation, so `(index, epoch)` pairs, `resume_at` and
+    N ranks of batch B = 1 process of batch N*B hold as for EpochShuffleSampler.
+
+    A class with few images is drawn as often as any other, i.e. its images repeat within an
+    epoch (one INFO line says how many such classes there are); a class with none (`num_classes`
+    beyond the labels) gets weight 0, is never drawn, and is warned about.
+    """
+
+    def __init__(self, dataset, labels: list[int], num_classes: int | None = None, **kwargs):
+        if len(labels) != len(dataset):
+            raise ValueError(f"BalancedSampler: {len(labels)} labels for {len(dataset)} samples")
+        kwargs["shuffle"] = False  # positions 0..n-1 of the draw, padded and sharded in order
+        super().__init__(dataset, **kwargs)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        counts = torch.bincount(labels, minlength=num_classes or 0)
+        self.class_counts = counts.tolist()
+        self.weights = (1.0 / counts.clamp(min=1).double())[labels]  # each class sums to 1
+        if self.rank == 0:
+            self._report(self.class_counts)
+
+    @staticmethod
+    def _report(counts: list[int]) -> None:
+        empty = [label for label, n in enumerate(counts) if n == 0]
+        rare = [n for n in counts if 0 < n < RARE_CLASS]
+        if empty:
+            log.warning("Balanced sampling: class(es) %s have no training images and are never drawn", empty)
+        if rare:
+            drawn = sum(counts) / (len(counts) - len(empty))
+            log.info(
+                "Balanced sampling: %d of %d classes have fewer than %d training images; each class is drawn "
+                "~%.0f times an epoch, so their images are repeated", len(rare), len(counts), RARE_CLASS, drawn,
+            )
+
+    def rank_indices(self) -> list[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)  # as DistributedSampler seeds its permutation
+        drawn = list(WeightedRandomSampler(self.weights, len(self.weights), replacement=True, generator=generator))
+        return [drawn[position] for position in super().rank_indices()]
 
 
 def seeded_index(transform, seed: int, key: int | tuple[int, int]) -> int:
@@ -131,9 +184,16 @@ def _log_once(message: str) -> None:
 
 
 def train_sampler(datamodule, dataset) -> EpochShuffleSampler:
+    """`data.sampler`: "shuffle" (EpochShuffleSampler) or "balanced" (BalancedSampler, by the
+    DataModule's `train_labels()`); DataModules without the setting shuffle."""
     trainer = datamodule.trainer
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=datamodule.hparams.seed)
+    settings = dict(num_replicas=world, rank=rank, seed=datamodule.hparams.seed)
+    if getattr(datamodule.hparams, "sampler", "shuffle") == "balanced":
+        labels = balanced_labels(datamodule)
+        sampler = BalancedSampler(dataset, labels, num_classes=getattr(datamodule, "num_classes", None), **settings)
+    else:
+        sampler = EpochShuffleSampler(dataset, shuffle=True, **settings)
     position = datamodule.take_resume_position()  # restored from the checkpoint: finetune.data.resume
     if position is not None:
         epoch, batches = position
@@ -142,3 +202,10 @@ def train_sampler(datamodule, dataset) -> EpochShuffleSampler:
             log.info("Resuming epoch %d after its first %d batches: they are skipped, not repeated", epoch, batches)
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
     return sampler
+
+
+def balanced_labels(datamodule) -> list[int]:
+    """The train labels `sampler: balanced` draws by; a one-line error where there are none."""
+    if not hasattr(datamodule, "train_labels"):
+        raise ValueError(f"data.sampler: balanced needs one class label per image; {type(datamodule).__name__} has none")
+    return datamodule.train_labels()
