@@ -3,6 +3,7 @@
     python benchmarks/input_pipeline.py                  # ~1000 + 200 generated JPEGs, N = cores
     python benchmarks/input_pipeline.py --quick          # fewer images (a smoke run)
     python benchmarks/input_pipeline.py --repeats 1      # one run of each pipeline (default 5, the fastest counts)
+    python benchmarks/input_pipeline.py --policies       # only the cost of each augmentation policy
 
 It writes JPEG folders (500x375 photos, 1600x1200 phone photos, 800x600 scenes with PNG masks,
 250x250 LFW-style faces) under --data, then pushes each pipeline through a DataLoader with
@@ -12,6 +13,11 @@ the H100 ceilings measured in issue #6 (bf16, channels_last, batch 256). The pla
 hand over normalised float32 batches; ours hand over uint8 batches, which the DataModule
 normalises on the GPU after the transfer (`on_after_batch_transfer`): that is not CPU work in
 training, so it is not timed here.
+
+Last, the cost of each augmentation policy (`data.augment`, `data.random_erasing`): a training
+sample of the 500x375 JPEGs at 224 px (crop first, uint8 out) loaded in this process on one
+core, as one worker loads it, in us/image and as a ratio to "light" (crop and flip) of the same
+run; "+ policy" is the difference, the policy's own cost.
 """
 
 from __future__ import annotations
@@ -171,6 +177,14 @@ def _plain_loader(dataset, workers: int, batch: int) -> DataLoader:
 
 # --- measurement ------------------------------------------------------------------------------
 
+POLICIES = {  # row -> ImageFolderDataModule's arguments
+    "light": {},
+    "randaugment (2 ops, magnitude 9)": {"augment": "randaugment"},
+    "trivialaugment": {"augment": "trivialaugment"},
+    "autoaugment": {"augment": "autoaugment"},
+    "light + random_erasing 0.25": {"random_erasing": 0.25},
+}
+
 def _images(batch) -> torch.Tensor:
     if isinstance(batch, dict):
         return batch["image"]
@@ -194,6 +208,41 @@ def throughput(loader: DataLoader, images: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def policy_costs(dm, images: int, repeats: int) -> dict[str, float]:
+    """us per training image of each POLICIES row: the same images and (index, epoch) keys for
+    every row, loaded in this process; rows interleaved, the fastest of `repeats` runs counting."""
+    hp = dm.hparams
+    datasets = {
+        name: ImageDataset(dm.splits.train, train_transform(
+            dm.image_size, MEAN, STD, hp.scale, hp.hflip, dm.interpolation, normalize=False, **kwargs,
+        ), 0, dm.train_shrink())
+        for name, kwargs in POLICIES.items()
+    }
+    keys = [(index % len(dm.splits.train), index // len(dm.splits.train)) for index in range(images)]
+    best = dict.fromkeys(POLICIES, float("inf"))
+    for _ in range(repeats):
+        for name, dataset in datasets.items():
+            dataset[keys[0]]  # first call: lazy set-up
+            start = time.perf_counter()
+            for key in keys:
+                dataset[key]
+            best[name] = min(best[name], (time.perf_counter() - start) / len(keys) * 1e6)
+    return best
+
+
+def print_policy_costs(folder: Path, images: int, repeats: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)  # one core, as in a DataLoader worker
+    dm = ImageFolderDataModule(str(folder), backbone="resnet50", image_size=224, val_fraction=0.0, mean=MEAN, std=STD)
+    costs = policy_costs(dm, images, repeats)
+    light = costs["light"]
+    print(f"\naugmentation policies: a training sample of {folder.name} @224 (crop first, uint8), 1 process, 1 thread, "
+          f"{images} images, best of {repeats}")
+    print(f"  {'policy':<34} {'us/image':>9} {'ratio':>6} {'+ policy':>9}")
+    for name, cost in costs.items():
+        print(f"  {name:<34} {cost:9.0f} {cost / light:6.2f} {cost - light:9.0f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="/tmp/finetune-bench", help="where the generated JPEGs go (reused)")
@@ -201,11 +250,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="fewer images and batches")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each pipeline, interleaved; the fastest counts")
+    parser.add_argument("--policies", action="store_true", help="only the cost of each augmentation policy")
     args = parser.parse_args()
     cores = args.workers
     n = 200 if args.quick else 1000
     root = Path(args.data)
     photos = _write_jpegs(root / "photos-500x375", n, (500, 375))
+    if args.policies:
+        print_policy_costs(photos, n // 2, args.repeats)
+        return
     few = 130 if args.quick else 300  # large images: fewer, still 2+ timed batches
     phones = _write_jpegs(root / "phones-1600x1200", few, (1600, 1200), seed=1)
     faces = _write_jpegs(root / "faces-250x250", n, (250, 250), classes=100, seed=2)
@@ -282,6 +335,7 @@ def main() -> None:
     for job, target in TARGETS.items():
         ratio = default_ratio[job]
         print(f"  {job:<24} default / plain = {ratio:.2f}x (target >= {target}x): {'met' if ratio >= target else 'MISSED'}")
+    print_policy_costs(photos, n // 2, args.repeats)
 
 
 if __name__ == "__main__":

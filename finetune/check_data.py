@@ -3,10 +3,11 @@
 It takes `finetune fit`'s config and flags, but builds the DataModule alone: no model, no
 Trainer, no weights to fetch. Every file is read the way training reads it and hashed, so the
 report lists unreadable files, mask problems, duplicates (within and across splits), images
-too small for the model, and the images per class. `--json PATH` writes the report as JSON
-(`--json -`: to stdout, instead of the table). The exit status is 1 when the data cannot be
-trained on at all (no images, one class, a class with no readable image, ...), else 0: files
-that training would skip are reported, not fatal.
+too small for the model, the images per class, and whether far-from-square images call for
+`--data.crop whole`. `--json PATH` writes the report as JSON (`--json -`: to stdout, instead
+of the table). The exit status is 1 when the data cannot be trained on at all (no images, one
+class, a class with no readable image, ...), else 0: files that training would skip are
+reported, not fatal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.contract import contract_of, import_class
-from finetune.data.report import DataReport
+from finetune.data.report import DataReport, crop_line
 from finetune.data.screening import screening
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,8 @@ def render(report: DataReport, console: Console) -> None:
         examples = ", ".join(f"{_rel(e['path'], root)} {e['width']}x{e['height']}" for e in small["examples"][:5])
         console.print(f"Small: {_n(small['count'], 'image')} under {small['min_side']} px on a side, {small['meaning']} "
                       f"(smallest: {examples})")
+    if crop_line(report.crop):
+        console.print(f"Crop: {crop_line(report.crop)}")
     for warning in report.warnings:
         console.print(f"[yellow]warning[/yellow]: {warning}")
     for fatal in report.fatal:

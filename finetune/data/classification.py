@@ -12,16 +12,18 @@ from finetune.data.folder_module import FolderDataModule
 from finetune.data.images import Shrink, read_rgb
 from finetune.data.report import DataReport, folder_report
 from finetune.data.splits import Splits
-from finetune.data.transforms import CropShrink, ResizeShrink, eval_resize, train_transform
+from finetune.data.transforms import Augment, Crop, CropShrink, ResizeShrink, train_transform
 from finetune.preprocessing import Preprocessing
+from finetune.value_checks import check_value
 
 
 class ImageDataset(FileDataset):
     """(path, label) pairs -> {"image": CHW tensor, "label": int, "path": str, "index": int}.
 
-    Augmentation seeded by (seed, epoch, index) (FileDataset). A transform that starts with
-    RandomResizedCrop runs crop first (`crop_first`, the default): only the crop of a JPEG is
-    decoded, with the same result as the Compose on the whole image.
+    Augmentation seeded by (seed, epoch, index) (FileDataset), policies included
+    (finetune.data.augment). A transform that starts with RandomResizedCrop runs crop first
+    (`crop_first`, the default): only the crop of a JPEG is decoded, with the same result as
+    the Compose on the whole image.
     """
 
     def __init__(
@@ -46,6 +48,29 @@ class ImageFolderDataModule(FolderDataModule):
     Classes are read here, at construction, so that the CLI can link `num_classes` and
     `class_names` into the model before it is built. `image_size`, `mean`, `std`, `crop_pct`
     and `interpolation` default to the pretrained config of `backbone` (linked from the model).
+
+    Training augmentation:
+
+    - `crop`: "random_resized" (default) trains on RandomResizedCrop over `scale` of the image's
+      area and evaluates timm's way (short side to image_size / crop_pct, centre crop);
+      "whole" trains and evaluates on the whole image squashed to image_size x image_size
+      (aspect not kept; `scale` and `crop_pct` unused): for images whose evidence may lie at
+      the border (inspection photos), which crops cut off. Export and `predict --exported`
+      evaluate the same way (Preprocessing.resize_mode).
+    - `hflip`: the chance of a horizontal flip.
+    - `augment`: "light" (default): crop and flip only. "randaugment", "trivialaugment",
+      "autoaugment": torchvision's RandAugment, TrivialAugmentWide, AutoAugment (ImageNet
+      policy), after crop and flip. `augment_ops` (operations per image, default 2) and
+      `augment_magnitude` (0-30, default 9) set RandAugment's strength; the other two
+      policies have fixed strengths and ignore them.
+    - `random_erasing`: the chance (0-1) to erase one box of a training image to the mean
+      colour (timm's "const" mode; 0 after normalisation), after the policy. timm's recipes
+      use 0.25.
+    - `sampler`: "shuffle" (default): every image once an epoch, in a seeded order;
+      "balanced": each class drawn equally often, see finetune/data/sampling.py.
+
+    All of it is a function of (seed, epoch, index): a resumed or multi-GPU run augments each
+    image as a single uninterrupted run would.
     """
 
     test_layout = "root/test/<class>/*"
@@ -67,11 +92,24 @@ class ImageFolderDataModule(FolderDataModule):
         hflip: float = 0.5,
         predict_root: str | None = None,
         on_bad_image: Literal["skip", "raise"] = "skip",
+        crop: Crop = "random_resized",
+        augment: Augment = "light",
+        augment_ops: int = 2,
+        augment_magnitude: int = 9,
+        random_erasing: float = 0.0,
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
     ):
         super().__init__()
         self.save_hyperparameters()
+        for key, value in (("augment_ops", augment_ops), ("augment_magnitude", augment_magnitude),
+                           ("random_erasing", random_erasing)):
+            check_value(f"data.{key}", value)
+        for key, value, allowed in (("crop", crop, Crop), ("augment", augment, Augment)):
+            if value not in allowed.__args__:  # the CLI's types say so too; this is for Python callers
+                raise ValueError(f"data.{key}: {value!r} is not one of {', '.join(allowed.__args__)}")
         self.preprocessing = Preprocessing.resolve(
-            backbone, image_size=image_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation
+            backbone, image_size=image_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
+            resize_mode="squash" if crop == "whole" else "crop",
         )
         self._read_folder(min_side=self.image_size)
 
@@ -80,7 +118,8 @@ class ImageFolderDataModule(FolderDataModule):
         return scan_image_folder(root, val_fraction, seed, self.screening)
 
     def data_report(self) -> DataReport:
-        return folder_report(self.hparams.root, type(self).__name__, self.splits, self.screening)
+        crop = (self.hparams.crop, self.crop_pct)  # for its advice on far-from-square images
+        return folder_report(self.hparams.root, type(self).__name__, self.splits, self.screening, crop)
 
     @property
     def image_size(self) -> int:
@@ -98,15 +137,20 @@ class ImageFolderDataModule(FolderDataModule):
         return f"input {self.image_size}px"
 
     def train_transform(self):
+        hp = self.hparams
         return train_transform(
-            self.image_size, self.mean, self.std, self.hparams.scale, self.hparams.hflip, self.interpolation, normalize=False
+            self.image_size, self.mean, self.std, hp.scale, hp.hflip, self.interpolation, normalize=False,
+            crop=hp.crop, augment=hp.augment, augment_ops=hp.augment_ops, augment_magnitude=hp.augment_magnitude,
+            random_erasing=hp.random_erasing,
         )
 
     def train_shrink(self) -> Shrink:
+        if self.hparams.crop == "whole":  # squashed to image_size: neither side may go below it
+            return ResizeShrink(self.image_size)
         return CropShrink(self.image_size, self.hparams.scale[0])
 
     def eval_shrink(self) -> Shrink:
-        return ResizeShrink(eval_resize(self.image_size, self.crop_pct))
+        return self.preprocessing.eval_shrink()
 
     def dataset(self, items: list[Sample], train: bool) -> ImageDataset:
         transform, shrink = (self.train_transform(), self.train_shrink()) if train else (self.eval_transform(), self.eval_shrink())

@@ -30,6 +30,7 @@ class DataReport:
     skipped: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
     small: dict = field(default_factory=dict)
+    crop: dict = field(default_factory=dict)  # far-from-square training images and the crop policy (_crop_advice)
     warnings: list[str] = field(default_factory=list)
     fatal: list[str] = field(default_factory=list)
 
@@ -60,6 +61,38 @@ def _imbalance(counts: dict[str, int]) -> dict | None:
             "largest_count": present[largest], "smallest_count": present[smallest]}
 
 
+# RandomResizedCrop's widest box: an image wider (or taller) than this loses part of its long
+# side to every crop, and to the evaluation's centre crop.
+SQUARE_ENOUGH = 4 / 3
+MANY = 0.2  # share of far-from-square training images above which `data.crop: whole` is suggested
+
+
+def _crop_advice(screen: Screening, paths: list[str], crop: str, crop_pct: float) -> dict:
+    """How much the evaluation's centre crop cuts from far-from-square training images, and
+    whether to train and evaluate on the whole image instead. Needs the sizes that full
+    screening keeps (check-data, small sets): {} without them."""
+    aspects = [max(f.width, f.height) / min(f.width, f.height) for f in map(screen.facts.get, paths)
+               if f is not None and f.problem is None and min(f.width, f.height) > 0]
+    if not aspects:
+        return {}
+    far = [a for a in aspects if a > SQUARE_ENOUGH]
+    # Short side resized to size / crop_pct, then size x size kept: crop_pct / aspect of the long side.
+    dropped = 1 - crop_pct / max(far) if far else 0.0
+    share = len(far) / len(aspects)
+    return {"far_from_square": len(far), "share": round(share, 3), "crop": crop, "crop_pct": crop_pct,
+            "long_side_dropped": round(dropped, 3),
+            "suggest": "--data.crop whole" if crop == "random_resized" and share >= MANY else None}
+
+
+def crop_line(crop: dict) -> str | None:
+    """The report's one line on the crop policy, when it suggests a change."""
+    if not crop.get("suggest"):
+        return None
+    return (f"{crop['far_from_square']} training images ({crop['share']:.0%}) are far from square (aspect > 4:3): "
+            f"the evaluation's centre crop (crop_pct {crop['crop_pct']}) drops up to {crop['long_side_dropped']:.0%} "
+            f"of their long side; if evidence can lie at the border, try {crop['suggest']} (whole images, squashed)")
+
+
 def _finish(report: DataReport, screen: Screening, where: dict[str, tuple[str, str]], meaning: str) -> DataReport:
     report.checked = "every pixel" if screen.full else "headers"
     report.files, report.seconds = screen.files, round(screen.seconds, 3)
@@ -88,8 +121,10 @@ def _finish(report: DataReport, screen: Screening, where: dict[str, tuple[str, s
     return report
 
 
-def folder_report(root: str, datamodule: str, splits: Splits, screen: Screening) -> DataReport:
-    """Classification and identity folders: `splits` of (path, class index) samples."""
+def folder_report(root: str, datamodule: str, splits: Splits, screen: Screening,
+                  crop: tuple[str, float] | None = None) -> DataReport:
+    """Classification and identity folders: `splits` of (path, class index) samples. `crop`:
+    (data.crop, crop_pct), to advise on the crop policy."""
     report = DataReport(str(root), datamodule)
     where = {}
     for split, samples in splits.items():
@@ -99,6 +134,8 @@ def folder_report(root: str, datamodule: str, splits: Splits, screen: Screening)
             report.counts[split] = {name: counts[i] for i, name in enumerate(names)}
         where.update({path: (split, names[label]) for path, label in samples})
     report.imbalance = _imbalance(report.counts["train"])
+    if crop is not None:
+        report.crop = _crop_advice(screen, [path for path, _ in splits.train], *crop)
     report.fatal += [f"class {name!r} has no readable training image" for name, n in report.counts["train"].items()
                      if not n]
     return _finish(report, screen, where, "upscaled to the input size")
@@ -153,6 +190,8 @@ def log_report(report: DataReport) -> None:
                     " = ".join(os.path.relpath(p, report.root) for p in duplicate["paths"]))
     if len(report.duplicates) > 3:
         log.warning("%d more groups of identical files: `finetune check-data` lists them", len(report.duplicates) - 3)
+    if crop_line(report.crop):
+        log.info(crop_line(report.crop))
     small = report.small
     if small.get("count"):
         first = small["examples"][0]

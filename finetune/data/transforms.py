@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import albumentations as A
 import cv2
@@ -21,6 +22,9 @@ _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nea
 # RandomResizedCrop's aspect-ratio range (albumentations' and torchvision's default).
 CROP_RATIO = (3 / 4, 4 / 3)
 DECODE_FACTORS = (8, 4, 2)
+Augment = Literal["light", "randaugment", "trivialaugment", "autoaugment"]  # finetune.data.augment
+Crop = Literal["random_resized", "whole"]  # training crop; "whole" evaluates squashed too
+ResizeMode = Literal["crop", "squash"]  # evaluation: short side + centre crop, or the whole image
 
 
 class ToPlanarTensor(ToTensorV2):
@@ -36,9 +40,17 @@ class ToPlanarTensor(ToTensorV2):
         return super().apply(img, **params)
 
 
-def compose_to_tensor(steps: list, mean, std, normalize: bool) -> A.Compose:
-    """`steps`, then (if `normalize`) Normalize, then planar CHW tensors: every task's tail."""
-    return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToPlanarTensor()])
+def compose_to_tensor(steps: list, mean, std, normalize: bool, tensor_steps: list = ()) -> A.Compose:
+    """`steps`, then (if `normalize`) Normalize, then planar CHW tensors: every task's tail.
+    `tensor_steps`: torchvision transforms on that uint8 tensor (finetune.data.augment)."""
+    tail = []
+    if tensor_steps:
+        if normalize:
+            raise ValueError("augmentation policies run on uint8 tensors: build the pipeline with normalize=False")
+        from finetune.data.augment import TorchvisionStep  # torchvision: ~1 s to import, training only
+
+        tail = [TorchvisionStep(list(tensor_steps))]
+    return A.Compose([*steps, *([A.Normalize(mean=mean, std=std)] if normalize else []), ToPlanarTensor(), *tail])
 
 
 def _largest_factor(covers) -> int:
@@ -79,11 +91,23 @@ def train_transform(
     hflip: float = 0.5,
     interpolation: str = "bilinear",
     normalize: bool = True,
+    crop: Crop = "random_resized",
+    augment: Augment = "light",
+    augment_ops: int = 2,
+    augment_magnitude: int = 9,
+    random_erasing: float = 0.0,
 ) -> A.Compose:
-    return compose_to_tensor([
-        A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=CROP_RATIO, interpolation=_INTERPOLATION[interpolation]),
-        A.HorizontalFlip(p=hflip),
-    ], mean, std, normalize)
+    """Crop ("random_resized": RandomResizedCrop over `scale` of the area; "whole": the whole
+    image squashed to size x size) and flip, then the `augment` policy and random erasing
+    (finetune.data.augment; those need `normalize=False`)."""
+    if crop == "random_resized":
+        first = A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=CROP_RATIO, interpolation=_INTERPOLATION[interpolation])
+    else:
+        first = _squash(size, interpolation)
+    from finetune.data.augment import policy_steps
+
+    policy = policy_steps(augment, mean, augment_ops, augment_magnitude, random_erasing)
+    return compose_to_tensor([first, A.HorizontalFlip(p=hflip)], mean, std, normalize, policy)
 
 
 def eval_transform(
@@ -93,7 +117,12 @@ def eval_transform(
     crop_pct: float = 0.875,
     interpolation: str = "bilinear",
     normalize: bool = True,
+    resize_mode: ResizeMode = "crop",
 ) -> A.Compose:
+    if resize_mode == "squash":  # the whole image, aspect not kept: what "whole" trains on
+        return compose_to_tensor([_squash(size, interpolation)], mean, std, normalize)
+    if resize_mode != "crop":
+        raise ValueError(f"resize_mode: {resize_mode!r} is neither 'crop' nor 'squash'")
     # timm's eval recipe: resize the short side to size / crop_pct, then centre-crop.
     return compose_to_tensor([
         A.SmallestMaxSize(max_size=eval_resize(size, crop_pct), interpolation=_INTERPOLATION[interpolation]),
@@ -101,5 +130,14 @@ def eval_transform(
     ], mean, std, normalize)
 
 
+def _squash(size: int, interpolation: str) -> A.Resize:
+    return A.Resize(height=size, width=size, interpolation=_INTERPOLATION[interpolation])
+
+
 def eval_resize(size: int, crop_pct: float) -> int:
     return math.floor(size / crop_pct)
+
+
+def eval_shrink(size: int, crop_pct: float, resize_mode: ResizeMode = "crop") -> ResizeShrink:
+    """Decode reduction for `eval_transform`: its resize's short side must not be upsampled."""
+    return ResizeShrink(size if resize_mode == "squash" else eval_resize(size, crop_pct))

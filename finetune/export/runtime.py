@@ -19,8 +19,8 @@ from finetune.preprocessing import Preprocessing
 class Preprocess:
     """Image file -> uint8 HxWx3 RGB as the graph takes it: read and resized as the DataModules'
     evaluation does (the metadata's finetune.preprocessing.Preprocessing: JPEG decode shrink,
-    short-side resize, centre crop), without the normalisation. Full-resolution tasks
-    (segmentation) keep each image's own size."""
+    short-side resize and centre crop, or the whole image squashed), without the normalisation.
+    Full-resolution tasks (segmentation) keep each image's own size."""
 
     def __init__(self, meta: dict):
         self.geometry = self.shrink = None
@@ -30,11 +30,9 @@ class Preprocess:
         import albumentations as A
         from albumentations.pytorch import ToTensorV2
 
-        from finetune.data.transforms import ResizeShrink, eval_resize
-
         pipeline = prep.eval_transform(normalize=False)
         self.geometry = A.Compose([t for t in pipeline.transforms if not isinstance(t, (A.Normalize, ToTensorV2))])
-        self.shrink = ResizeShrink(eval_resize(prep.input_size, prep.crop_pct))
+        self.shrink = prep.eval_shrink()
 
     def __call__(self, path: str | Path) -> np.ndarray:
         image = read_rgb(path, self.shrink)
