@@ -1,7 +1,8 @@
-"""`finetune lr-find`: Lightning's LR range test, printed as a number and a terminal plot."""
+"""`finetune lr-find` and `model.lr: auto`: Lightning's LR range test, printed as a number and a terminal plot."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from pathlib import Path
@@ -29,14 +30,37 @@ def ascii_plot(xs: list[float], ys: list[float], mark: float | None = None, widt
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def epochs_unbounded(trainer):
+    """Lightning's range test stops at `max_epochs` too: on a small dataset (3 batches an epoch,
+    2 epochs) it would end after 6 of its 100 steps with no suggestion. Lift the limit meanwhile."""
+    max_epochs = trainer.fit_loop.max_epochs
+    trainer.fit_loop.max_epochs = -1
+    try:
+        yield
+    finally:
+        trainer.fit_loop.max_epochs = max_epochs
+
+
 def run_lr_find(trainer, model, datamodule, num_training: int = 100) -> float | None:
     from lightning.pytorch.tuner import Tuner
 
-    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, num_training=num_training, update_attr=False)
+    with epochs_unbounded(trainer):
+        finder = Tuner(trainer).lr_find(model, datamodule=datamodule, num_training=num_training, update_attr=False)
+    suggestion = report(finder, trainer)
+    if suggestion is not None:
+        print(f"suggested learning rate: {suggestion:.2e}  (use it with --model.lr {suggestion:.2e} or --model.lr auto)")
+    return suggestion
+
+
+def report(finder, trainer) -> float | None:
+    """The range test's curve to `<default_root_dir>/lr_find.csv`, W&B and the terminal; its suggestion."""
     if finder is None:
         return None
     lrs, losses = finder.results["lr"], finder.results["loss"]
     suggestion = finder.suggestion()
+    if not trainer.is_global_zero:
+        return suggestion
     out = Path(trainer.default_root_dir) / "lr_find.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -51,6 +75,4 @@ def run_lr_find(trainer, model, datamodule, num_training: int = 100) -> float | 
     print(f"LR range test written to {out}")
     if suggestion is None:
         print("no learning rate suggested (the loss never fell steadily); see the plot")
-    else:
-        print(f"suggested learning rate: {suggestion:.2e}  (use it with --model.lr {suggestion:.2e})")
     return suggestion

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from finetune.callbacks.checkpoint import ModelCheckpoint
+    from finetune.callbacks.ema import EMA
     from finetune.callbacks.embedding import WandbEmbeddingLogger
     from finetune.callbacks.media import WandbMediaLogger
     from finetune.callbacks.predictions import PredictionWriter
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from finetune.callbacks.segmentation import WandbMaskLogger
 
 _MODULES = {
+    "EMA": "finetune.callbacks.ema",
     "ModelCheckpoint": "finetune.callbacks.checkpoint",
     "PredictionWriter": "finetune.callbacks.predictions",
     "ProgressBar": "finetune.callbacks.progress",
@@ -31,6 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "EMA",
     "GradientFlow",
     "ModelCheckpoint",
     "PredictionWriter",

@@ -19,12 +19,16 @@ def to_uint8_images(images: torch.Tensor, mean, std) -> list:
     return [p.permute(1, 2, 0).cpu().numpy() for p in pixels]
 
 
-def confusion_table(matrix: torch.Tensor, class_names: list[str]):
-    """The table behind `wandb.plot.confusion_matrix`, built from counts we already have."""
+def confusion_table(matrix: torch.Tensor, class_names: list[str], normalize: bool = False):
+    """The table behind `wandb.plot.confusion_matrix`, built from counts we already have.
+
+    `normalize`: each true class's row as fractions of its images (its recall on the diagonal),
+    so that with imbalanced classes a rare class's errors are as visible as a common one's."""
     import wandb
 
+    values = normalized_rows(matrix) if normalize else matrix.long()
     rows = [
-        [class_names[i], class_names[j], int(matrix[i, j])]
+        [class_names[i], class_names[j], round(float(values[i, j]), 4) if normalize else int(values[i, j])]
         for i in range(len(class_names))
         for j in range(len(class_names))
     ]
@@ -33,8 +37,14 @@ def confusion_table(matrix: torch.Tensor, class_names: list[str]):
         "wandb/confusion_matrix/v1",
         table,
         {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
-        {"title": "Validation confusion matrix"},
+        {"title": "Validation confusion matrix" + (", per true class" if normalize else "")},
     )
+
+
+def normalized_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its sum (a class without validation images: a row of zeros)."""
+    matrix = matrix.double()
+    return matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 class WandbMediaLogger(Callback):
@@ -69,6 +79,9 @@ class WandbMediaLogger(Callback):
         matrix = getattr(pl_module, "confusion_matrix", None)
         if logger is None or matrix is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        logger.experiment.log(
-            {"val/confusion_matrix": confusion_table(matrix, pl_module.class_names), "trainer/global_step": trainer.global_step}
-        )
+        names = pl_module.class_names
+        logger.experiment.log({
+            "val/confusion_matrix": confusion_table(matrix, names),
+            "val/confusion_matrix_normalized": confusion_table(matrix, names, normalize=True),
+            "trainer/global_step": trainer.global_step,
+        })

@@ -6,9 +6,13 @@ from torch import Tensor, nn
 
 from finetune.backbones import Pretrained, create_backbone
 from finetune.heads.classification import ClassificationHead
+from finetune.models.tta import average_over_views
 
 
 class Classifier(nn.Module):
+    """`tta_flip` / `tta_scales`: test-time mirror and scales that `probabilities` averages over
+    (validation, test, predict and the exported graph; training never uses them)."""
+
     def __init__(
         self,
         backbone: str,
@@ -18,18 +22,45 @@ class Classifier(nn.Module):
         pool: str = "avg",
         hidden_dim: int | None = None,
         dropout: float = 0.0,
+        tta_flip: bool = False,
+        tta_scales: list[float] | None = None,
     ):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
         self.head = ClassificationHead(self.backbone.num_features, num_classes, pool, hidden_dim, dropout)
+        self.tta_flip = tta_flip
+        self.tta_scales = list(tta_scales or [1.0])
 
     @classmethod
     def from_hparams(cls, hp) -> Classifier:
-        return cls(hp["backbone"], hp["num_classes"], hp["pretrained"], hp["weights"], hp["pool"], hp["hidden_dim"], hp["dropout"])
+        return cls(
+            hp["backbone"], hp["num_classes"], hp["pretrained"], hp["weights"], hp["pool"], hp["hidden_dim"], hp["dropout"],
+            hp.get("tta_flip", False), hp.get("tta_scales"),  # absent from checkpoints before test-time augmentation
+        )
+
+    @property
+    def uses_tta(self) -> bool:
+        return self.tta_flip or self.tta_scales != [1.0]
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
 
+    def probabilities(self, images: Tensor) -> Tensor:
+        """Softmax of the logits, averaged over the test-time views when there are any."""
+        if not self.uses_tta:
+            return self(images).softmax(dim=1)
+        return average_over_views(lambda view: self(view).softmax(dim=1), images, self.tta_flip, self.tta_scales, dense=False)
+
+    def evaluation_logits(self, images: Tensor) -> Tensor:
+        """What validation and test score: the logits, or with test-time augmentation the log of
+        the averaged probabilities (cross-entropy of those is the averaged prediction's loss)."""
+        if not self.uses_tta:
+            return self(images)
+        return self.probabilities(images).clamp_min(1e-12).log()
+
     def predict(self, images: Tensor) -> dict[str, Tensor]:
-        logits = self(images)
-        return {"logits": logits, "probabilities": logits.softmax(dim=1)}
+        if not self.uses_tta:
+            logits = self(images)
+            return {"logits": logits, "probabilities": logits.softmax(dim=1)}
+        logits = self.evaluation_logits(images)
+        return {"logits": logits, "probabilities": logits.exp()}

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from finetune.backbones import Pretrained, create_backbone
 from finetune.heads.segmentation import ATROUS_RATES, DeepLabV3Head, FCNHead
+from finetune.models.tta import average_over_views
 
 
 class DeepLabV3(nn.Module):
@@ -78,18 +79,7 @@ class DeepLabV3(nn.Module):
 
     def probabilities(self, images: Tensor) -> Tensor:
         """Class probabilities at the input's size, averaged over the test-time flips and scales."""
-        size = images.shape[-2:]
-        total = 0
-        views = 0
-        for scale in self.tta_scales:
-            scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
-            for flip in (False, True) if self.tta_flip else (False,):
-                view = scaled.flip(-1) if flip else scaled
-                probs = self(view).softmax(dim=1)
-                probs = probs.flip(-1) if flip else probs
-                total = total + F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-                views += 1
-        return total / views
+        return average_over_views(lambda view: self(view).softmax(dim=1), images, self.tta_flip, self.tta_scales, dense=True)
 
     def predict(self, images: Tensor) -> dict[str, Tensor]:
         probs = self.probabilities(images)
