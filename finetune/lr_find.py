@@ -30,12 +30,38 @@ def ascii_plot(xs: list[float], ys: list[float], mark: float | None = None, widt
     return "\n".join(lines)
 
 
+def valley(lrs: list[float], losses: list[float]) -> float | None:
+    """fastai's `valley` suggestion (fastai/callback/schedule.py), the default of its `lr_find`:
+    the longest stretch over which the (smoothed) loss keeps falling, and the LR two thirds of
+    the way down it, before the fall levels off.
+
+    Written here because Lightning offers only the steepest-gradient point, which on the flat,
+    noisy start of a fine-tune's curve (a pretrained network learns nothing at 1e-7) picked
+    LRs around 2e-7 and training then stood still (benchmarks/recipes.py)."""
+    finite = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
+    if len(finite) < 3:
+        return None
+    lrs, losses = [p[0] for p in finite], [p[1] for p in finite]
+    # longest[i]: the most points of a falling sequence that ends at i (O(n^2): n is ~100 steps)
+    longest = [1] * len(losses)
+    start = end = 0
+    for i in range(1, len(losses)):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+        if longest[end] < longest[i]:
+            end, start = i, i - longest[i]
+    third = (end - start) / 3
+    return float(lrs[start + int(third) + int(third / 2)]) if end > start else None
+
+
 @contextlib.contextmanager
 def epochs_unbounded(trainer):
     """Lightning's range test stops at `max_epochs` too: on a small dataset (3 batches an epoch,
-    2 epochs) it would end after 6 of its 100 steps with no suggestion. Lift the limit meanwhile."""
+    2 epochs) it would end after 6 of its 100 steps with no suggestion. Lift the limit meanwhile
+    (to a number, not -1: a schedule built meanwhile needs a finite length)."""
     max_epochs = trainer.fit_loop.max_epochs
-    trainer.fit_loop.max_epochs = -1
+    trainer.fit_loop.max_epochs = 1_000_000
     try:
         yield
     finally:
@@ -58,7 +84,7 @@ def report(finder, trainer) -> float | None:
     if finder is None:
         return None
     lrs, losses = finder.results["lr"], finder.results["loss"]
-    suggestion = finder.suggestion()
+    suggestion = valley(lrs, losses)
     if not trainer.is_global_zero:
         return suggestion
     out = Path(trainer.default_root_dir) / "lr_find.csv"

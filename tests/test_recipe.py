@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from finetune.callbacks.ema import EMA
 from finetune.callbacks.media import normalized_rows
 from finetune.data import ImageFolderDataModule
+from finetune.export.checkpoint import load_checkpoint
 from finetune.models import Classifier
 from finetune.tasks import ClassificationTask
 from finetune.tasks.classification import inverse_frequency_weights
@@ -126,7 +127,7 @@ def test_ema_and_weights_resume_bit_exactly(tmp_path):
             assert torch.equal(resumed[key][name], value), (key, name)
 
 
-def test_ema_leaves_frozen_stages_exactly_as_they_were(colour_folder, tmp_path):
+def test_ema_leaves_frozen_stages_exactly_as_they_were_and_is_what_export_loads(colour_folder, tmp_path):
     L.seed_everything(0)
     dm = ImageFolderDataModule(str(colour_folder), backbone="resnet18", image_size=32, batch_size=16, num_workers=0)
     task = ClassificationTask(dm.num_classes, "resnet18", pretrained=False, lr=1e-2, finetuning={"strategy": "frozen"})
@@ -138,6 +139,9 @@ def test_ema_leaves_frozen_stages_exactly_as_they_were(colour_folder, tmp_path):
         if name.startswith("backbone."):
             assert torch.equal(value, initial[name]), name
     assert not torch.equal(averaged["head.classifier.1.weight"], initial["head.classifier.1.weight"])
+    exported = load_checkpoint(next(tmp_path.rglob("*.ckpt"))).network.state_dict()  # what export and predict load
+    for name, value in averaged.items():
+        assert torch.equal(exported[name], value), name
 
 
 # -- test-time augmentation ---------------------------------------------------------------------
@@ -204,3 +208,17 @@ def test_mixup_ema_tta_and_found_lr_train_together(colour_folder, tmp_path, monk
     assert head_lr == pytest.approx(task.hparams.lr)  # the schedule was built around the found LR
     assert (tmp_path / "lr_find.csv").exists()
     assert trainer.callback_metrics["val/acc"] > 0.5  # chance is 1/3
+
+
+def test_valley_suggests_an_lr_inside_the_fall_not_on_the_flat_noisy_start():
+    from finetune.lr_find import valley
+
+    lrs = [10 ** (-8 + 8 * i / 99) for i in range(100)]  # 1e-8 .. 1, as Lightning's range test
+    generator = torch.Generator().manual_seed(0)
+    noise = (torch.rand(100, generator=generator) * 0.05).tolist()
+    # flat (a dip at the very start), falling from 1e-4 to 1e-1, then diverging
+    losses = [2.0 + n - (0.3 if i == 12 else 0.0) for i, n in enumerate(noise[:50])]
+    losses += [2.0 - 0.04 * i + noise[50 + i] * 0.1 for i in range(38)] + [0.5 * 1.5**i for i in range(12)]
+    suggestion = valley(lrs, losses)
+    assert 1e-4 < suggestion < 1e-1
+    assert valley(lrs[:2], losses[:2]) is None
