@@ -1,5 +1,5 @@
-"""DDP on 2 CPU processes (gloo) computes what 1 process computes with the same global batch,
-also across unfreeze points, where DDP alone would leave late-unfrozen stages unsynchronised;
+"""DDP on 2 CPU processes (gloo) computes what 1 process computes with the same global batch
+(weights, their EMA and the metrics validated on it), also across unfreeze points, where DDP alone would leave late-unfrozen stages unsynchronised;
 evaluates exactly what 1 process does on data that does not divide by 2; and keeps replicas
 identical when fp16's grad scaler skips a step on one of them."""
 
@@ -15,6 +15,7 @@ from launch import FixedBatchNormTask
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
+from finetune.callbacks import EMA
 from finetune.data import ImageFolderDataModule, SegmentationFolderDataModule
 from finetune.tasks import ClassificationTask, SegmentationTask
 
@@ -31,6 +32,8 @@ class RecordTrainable(Callback):
 
     def on_train_end(self, trainer, pl_module):
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
+        # The trained weights themselves: the EMA callback after this one swaps in the average.
+        torch.save(pl_module.state_dict(), self.folder / f"live{trainer.global_rank}.pt")
 
 
 def fit(colour_folder, devices: int, batch_size: int, root):
@@ -47,21 +50,25 @@ def fit(colour_folder, devices: int, batch_size: int, root):
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_epochs=3,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=root, callbacks=[RecordTrainable(root)],
+        default_root_dir=root, callbacks=[RecordTrainable(root), EMA(decay=0.9)],
     )
     trainer.fit(task, dm)
     trainable = [json.loads(p.read_text()) for p in sorted(root.glob("rank*.json"))]
-    return {k: v.item() for k, v in trainer.callback_metrics.items()}, task.state_dict(), trainable
+    live = torch.load(root / "live0.pt", weights_only=True)
+    # After fit the task holds the EMA of its weights (validated on it too).
+    return {k: v.item() for k, v in trainer.callback_metrics.items()}, live, task.state_dict(), trainable
 
 
 def test_two_ranks_match_one_process_across_unfreezing(colour_folder, tmp_path):
-    single_metrics, single_weights, (single_trainable,) = fit(colour_folder, 1, 16, tmp_path / "one")
-    ddp_metrics, ddp_weights, (rank0, rank1) = fit(colour_folder, 2, 8, tmp_path / "two")
+    single_metrics, single_weights, single_ema, (single_trainable,) = fit(colour_folder, 1, 16, tmp_path / "one")
+    ddp_metrics, ddp_weights, ddp_ema, (rank0, rank1) = fit(colour_folder, 2, 8, tmp_path / "two")
     assert rank0 == rank1 == single_trainable  # same trainable set on every rank at every step
     assert any("net.backbone.layer3.0.conv1.weight" in step for step in rank0)  # unfreezing happened
     assert single_metrics["val/acc"] > 0.5  # it learned something (chance 0.33)
     for name, tensor in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ddp_ema[name], single_ema[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.equal(single_ema["net.head.classifier.1.weight"], single_weights["net.head.classifier.1.weight"])
     for key in ("val/acc", "val/f1", "val/loss", "train/loss_epoch"):
         assert abs(ddp_metrics[key] - single_metrics[key]) < 1e-4, (key, ddp_metrics[key], single_metrics[key])
 
