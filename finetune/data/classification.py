@@ -107,6 +107,10 @@ class ImageFolderDataModule(FolderDataModule):
         for key, value, allowed in (("crop", crop, Crop), ("augment", augment, Augment)):
             if value not in allowed.__args__:  # the CLI's types say so too; this is for Python callers
                 raise ValueError(f"data.{key}: {value!r} is not one of {', '.join(allowed.__args__)}")
+        # Kept here, not read back from self.hparams: a subclass (IdentityFolderDataModule) saves
+        # its own signature's hyperparameters, which need not have these.
+        self.augmentation = dict(crop=crop, augment=augment, augment_ops=augment_ops,
+                                 augment_magnitude=augment_magnitude, random_erasing=random_erasing)
         self.preprocessing = Preprocessing.resolve(
             backbone, image_size=image_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
             resize_mode="squash" if crop == "whole" else "crop",
@@ -118,7 +122,7 @@ class ImageFolderDataModule(FolderDataModule):
         return scan_image_folder(root, val_fraction, seed, self.screening)
 
     def data_report(self) -> DataReport:
-        crop = (self.hparams.crop, self.crop_pct)  # for its advice on far-from-square images
+        crop = (self.augmentation["crop"], self.crop_pct)  # for its advice on far-from-square images
         return folder_report(self.hparams.root, type(self).__name__, self.splits, self.screening, crop)
 
     @property
@@ -139,13 +143,11 @@ class ImageFolderDataModule(FolderDataModule):
     def train_transform(self):
         hp = self.hparams
         return train_transform(
-            self.image_size, self.mean, self.std, hp.scale, hp.hflip, self.interpolation, normalize=False,
-            crop=hp.crop, augment=hp.augment, augment_ops=hp.augment_ops, augment_magnitude=hp.augment_magnitude,
-            random_erasing=hp.random_erasing,
+            self.image_size, self.mean, self.std, hp.scale, hp.hflip, self.interpolation, normalize=False, **self.augmentation
         )
 
     def train_shrink(self) -> Shrink:
-        if self.hparams.crop == "whole":  # squashed to image_size: neither side may go below it
+        if self.augmentation["crop"] == "whole":  # squashed to image_size: neither side may go below it
             return ResizeShrink(self.image_size)
         return CropShrink(self.image_size, self.hparams.scale[0])
 
