@@ -3,7 +3,8 @@
 No hub here, so the "pretrained" backbone is made offline: ResNet-18 trained on Fashion-MNIST
 classes 0-4 (t-shirt, trouser, pullover, dress, coat; images the sample does not contain).
 It is then fine-tuned on the sample's other five classes (sandal, shirt, sneaker, bag,
-ankle-boot) with each strategy, train_bn false and true, and the same seed.
+ankle-boot) with each strategy, train_bn false and true, and the same seed. The pretraining
+is transfer_data.py's, shared with recipes.py.
 
     apt-get install dataset-fashion-mnist
     python benchmarks/train_bn_default.py            # ~6 min on 2 CPU cores
@@ -21,37 +22,12 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from make_sample import CLASSES, read_idx, write_split  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transfer_data import TARGET_CLASSES, pretrain, quiet_trainer  # noqa: E402
 
 from finetune.data import ImageFolderDataModule  # noqa: E402
 from finetune.tasks import ClassificationTask  # noqa: E402
-
-SOURCE_CLASSES, TARGET_CLASSES = CLASSES[:5], CLASSES[5:]
-
-
-def quiet_trainer(epochs: int) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False)
-
-
-def pretrain(source: Path, work: Path, per_class: int, epochs: int) -> Path:
-    images = read_idx(source / "train-images-idx3-ubyte.gz")[1000:]  # the sample uses the first images
-    labels = read_idx(source / "train-labels-idx1-ubyte.gz")[1000:]
-    keep = labels < 5
-    write_split(images[keep], labels[keep], per_class, work / "pretrain" / "train")
-    for name in TARGET_CLASSES:
-        shutil.rmtree(work / "pretrain" / "train" / name, ignore_errors=True)
-    L.seed_everything(0)
-    dm = ImageFolderDataModule(str(work / "pretrain"), backbone="resnet18", image_size=64, batch_size=64, num_workers=2)
-    task = ClassificationTask(dm.num_classes, "resnet18", pretrained=False, lr=2e-3, class_names=dm.class_names)
-    quiet_trainer(epochs).fit(task, dm)
-    print(f"pretraining on {SOURCE_CLASSES}: val/acc {task.trainer.callback_metrics['val/acc']:.3f}")
-    path = work / "pretrained_resnet18.pth"
-    torch.save(task.backbone.state_dict(), path)
-    return path
 
 
 def target_subset(sample: Path, work: Path) -> Path:
