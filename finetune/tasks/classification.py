@@ -72,7 +72,7 @@ class ClassificationTask(FinetuneTask):
         name="classification",
         network=Classifier,
         outputs={
-            "logits": "float32 [N, classes]",
+            "logits": "float32 [N, classes] (with test-time augmentation: log of the averaged probabilities)",
             "probabilities": "float32 [N, classes]: softmax of the logits",
         },
         writer="csv",
