@@ -60,6 +60,23 @@ def test_mixing_off_gives_smoothed_one_hot_targets():
     torch.testing.assert_close(targets, F.one_hot(labels, 3) * 0.7 + 0.1)
 
 
+def test_a_run_resumed_with_mixup_and_ema_ends_with_the_uninterrupted_weights(colour_folder, tmp_path):
+    def fit(ckpt_path=None):
+        L.seed_everything(0)
+        dm = ImageFolderDataModule(str(colour_folder), backbone="resnet18", image_size=32, batch_size=16, num_workers=0)
+        task = ClassificationTask(dm.num_classes, "resnet18", pretrained=False, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+        saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+        trainer = L.Trainer(max_epochs=2, callbacks=[EMA(decay=0.9), saver], num_sanity_val_steps=0, **QUIET)
+        trainer.fit(task, dm, ckpt_path=ckpt_path)
+        return torch.load(tmp_path / "epoch=1-step=6.ckpt", weights_only=True)
+
+    uninterrupted = fit()
+    resumed = fit(ckpt_path=tmp_path / "epoch=0-step=3.ckpt")  # mixing draws again from (seed, step, rank)
+    for key in ("state_dict", "current_model_state"):
+        for name, value in uninterrupted[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+
+
 # -- EMA on a model small enough to average by hand ---------------------------------------------
 
 class Linear(L.LightningModule):
