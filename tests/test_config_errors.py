@@ -72,7 +72,12 @@ def three_class_checkpoint(colour_folder, tmp_path_factory) -> Path:
     (["--model.scheduler", "cosin"], "model.scheduler: 'cosin' is not one of cosine, poly,"),
     (["--trainer.max_epochs", "ten"], "trainer.max_epochs: expected int (got 'ten')"),
     (["--checkpoint.save_last_every_n_train_steps", "0"], "checkpoint.save_last_every_n_train_steps: 0 is not a"),
-], ids=["backbone", "strategy", "scheduler", "type", "step_saves"])
+    (["--model.mixup_prob", "3"], "model.mixup_prob: 3.0 is out of range; the chance a batch is mixed"),
+    (["--model.class_weights", "[1, 2]"], "model.class_weights: 2 weights for 3 classes; pass one a class, or auto"),
+    (["--trainer.callbacks+=finetune.callbacks.EMA", "--trainer.callbacks.decay", "2"],
+     "trainer.callbacks: EMA decay 2.0 is out of range"),
+    (["--data.augment", "randaug"], "data.augment: 'randaug' is not one of light, randaugment"),
+], ids=["backbone", "strategy", "scheduler", "type", "step_saves", "mixup_prob", "class_weights", "ema_decay", "augment"])
 def test_bad_values_are_one_line_naming_the_key(extra, expected, colour_folder, tmp_path, monkeypatch, capsys):
     assert user_error(monkeypatch, capsys, "fit", colour_folder, tmp_path, *extra).startswith(expected)
 

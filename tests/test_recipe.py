@@ -197,7 +197,7 @@ def test_class_weights_auto_weigh_the_loss_by_the_training_counts(colour_folder,
     logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 2, 2, 2])
     torch.testing.assert_close(task._loss(logits, labels), F.cross_entropy(logits, labels, weight=torch.tensor(expected)))
     assert "val/balanced_acc" in trainer.callback_metrics and "val/f1" in trainer.callback_metrics
-    with pytest.raises(ValueError, match="model.class_weights has 2 weights"):
+    with pytest.raises(ValueError, match="model.class_weights: 2 weights for 3 classes"):
         ClassificationTask(3, "resnet18", pretrained=False, class_weights=[1.0, 2.0])
 
 

@@ -33,7 +33,7 @@ class EMA(Callback):
 
     def __init__(self, decay: float = 0.9998, warmup: bool = True, warmup_power: float = 0.75, update_after_step: int = 0):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA.decay: {decay} is out of range; pass a number in [0, 1), e.g. 0.9998")
+            raise ValueError(f"trainer.callbacks: EMA decay {decay} is out of range; pass a number in [0, 1), e.g. 0.9998")
         self.decay, self.warmup, self.warmup_power, self.update_after_step = decay, warmup, warmup_power, update_after_step
         self.ema: ModelEmaV3 | None = None
         self._swapped = False

@@ -120,7 +120,9 @@ class ClassificationTask(FinetuneTask):
             BatchMixing(num_classes, mixup, cutmix, mixup_prob, mixup_switch_prob, label_smoothing) if mixup or cutmix else None
         )
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
-            raise ValueError(f"model.class_weights has {len(class_weights)} weights for num_classes={num_classes}")
+            raise ValueError(
+                f"model.class_weights: {len(class_weights)} weights for {num_classes} classes; pass one a class, or auto"
+            )
         # Set in setup() (`auto` needs the data); not saved in checkpoints: the loss, not the model.
         self.register_buffer("loss_weights", None, persistent=False)
         self.val_metrics = _summary_metrics(num_classes, "val/")
