@@ -144,6 +144,16 @@ def test_ema_and_weights_resume_bit_exactly(tmp_path):
             assert torch.equal(resumed[key][name], value), (key, name)
 
 
+def test_ema_is_built_in_the_precision_the_strategy_gives_the_network(tmp_path):
+    L.seed_everything(0)
+    model, ema = Linear(), EMA(decay=0.9)  # bf16-true converts the network after setup: the average must follow
+    L.Trainer(max_epochs=1, callbacks=[ema], precision="bf16-true", num_sanity_val_steps=0, default_root_dir=tmp_path,
+              **QUIET).fit(
+        model, linear_data(), linear_data())
+    assert ema.ema.module.weight.dtype == model.net.weight.dtype == torch.bfloat16
+    assert len(model.seen_in_validation) == 4  # validated on the swapped-in average without a dtype clash
+
+
 def test_ema_leaves_frozen_stages_exactly_as_they_were_and_is_what_export_loads(colour_folder, tmp_path):
     L.seed_everything(0)
     dm = ImageFolderDataModule(str(colour_folder), backbone="resnet18", image_size=32, batch_size=16, num_workers=0)

@@ -38,17 +38,20 @@ class EMA(Callback):
         self.ema: ModelEmaV3 | None = None
         self._swapped = False
         self._last_step = -1
+        self._restored_average: dict | None = None  # from a resumed checkpoint, until on_fit_start builds the EMA
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and self.ema is None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Built here, not in setup: the strategy has now given the network its device, its dtype
+        # (bf16-true) and any SyncBatchNorm, which the average must share to be swapped in.
+        if self.ema is None:
             self.ema = ModelEmaV3(
                 pl_module.net, decay=self.decay, use_warmup=self.warmup, warmup_power=self.warmup_power,
                 update_after_step=self.update_after_step,
             )
             self.ema.requires_grad_(False)
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.ema.module.to(pl_module.device)  # the strategy has moved the network since setup
+        if self._restored_average is not None:
+            self.ema.module.load_state_dict(self._restored_average)
+            self._restored_average = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # Once per optimizer step (gradient accumulation calls this every micro-batch). The step
@@ -85,14 +88,17 @@ class EMA(Callback):
         checkpoint["state_dict"] = {**state, **dict(zip(names, average.state_dict().values()))}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        # Lightning has loaded `state_dict` (the average) into the module already.
-        if self.ema is None:
+        # Lightning has loaded `state_dict` (the average) into the module already; a resumed fit
+        # trains on from the live weights. (A checkpoint without an average starts it from its
+        # weights; validate/test/predict keep the average.)
+        if trainer.state.fn != "fit" or "current_model_state" not in checkpoint:
             return
-        if "current_model_state" in checkpoint:
-            _copy(pl_module.net, self.ema.module)
-            pl_module.load_state_dict(checkpoint["current_model_state"])
-        else:  # fine-tuning on from a checkpoint without an average: start it from these weights
-            _copy(pl_module.net, self.ema.module)
+        average = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        pl_module.load_state_dict(checkpoint["current_model_state"])
+        if self.ema is None:  # restored before on_fit_start builds it
+            self._restored_average = average
+        else:  # the LR range test restoring its own checkpoint mid-fit
+            self.ema.module.load_state_dict(average)
 
 
 def _tensors(module) -> list:
