@@ -33,6 +33,7 @@ class LearningRateFromRangeTest(LearningRateFinder):
 
     def __init__(self, num_training_steps: int = 100):
         super().__init__(num_training_steps=num_training_steps, update_attr=False)
+        self._found: float | None = None  # the suggestion trained at, kept in the callback's state
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and pl_module.hparams.lr == "auto":
@@ -40,7 +41,6 @@ class LearningRateFromRangeTest(LearningRateFinder):
             self._search = True
         else:
             self._search = False
-        self._found: float | None = getattr(self, "_found", None)
 
     def state_dict(self) -> dict:
         return {"lr": self._found}
@@ -52,7 +52,8 @@ class LearningRateFromRangeTest(LearningRateFinder):
         if not self._search:
             return
         if trainer.ckpt_path is not None:  # resumed: no new search; later checkpoints keep saying what was found
-            pl_module.hparams.lr = self._found if self._found is not None else pl_module.hparams.lr
+            if self._found is not None:
+                pl_module.hparams.lr = self._found
             return
         with epochs_unbounded(trainer):
             self.lr_find(trainer, pl_module)

@@ -46,9 +46,7 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
     def probabilities(self, images: Tensor) -> Tensor:
-        """Softmax of the logits, averaged over the test-time views when there are any."""
-        if not self.uses_tta:
-            return self(images).softmax(dim=1)
+        """Softmax of the logits, averaged over the test-time views (just the image without TTA)."""
         return average_over_views(lambda view: self(view).softmax(dim=1), images, self.tta_flip, self.tta_scales, dense=False)
 
     def evaluation_logits(self, images: Tensor) -> Tensor:
@@ -59,8 +57,5 @@ class Classifier(nn.Module):
         return self.probabilities(images).clamp_min(1e-12).log()
 
     def predict(self, images: Tensor) -> dict[str, Tensor]:
-        if not self.uses_tta:
-            logits = self(images)
-            return {"logits": logits, "probabilities": logits.softmax(dim=1)}
         logits = self.evaluation_logits(images)
-        return {"logits": logits, "probabilities": logits.exp()}
+        return {"logits": logits, "probabilities": logits.softmax(dim=1)}
