@@ -148,8 +148,8 @@ def render(report: DataReport, console: Console) -> None:
         examples = ", ".join(f"{_rel(e['path'], root)} {e['width']}x{e['height']}" for e in small["examples"][:5])
         console.print(f"Small: {_n(small['count'], 'image')} under {small['min_side']} px on a side, {small['meaning']} "
                       f"(smallest: {examples})")
-    if crop_line(report.crop):
-        console.print(f"Crop: {crop_line(report.crop)}")
+    if line := crop_line(report.crop):
+        console.print(f"Crop: {line}")
     for warning in report.warnings:
         console.print(f"[yellow]warning[/yellow]: {warning}")
     for fatal in report.fatal:

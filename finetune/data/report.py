@@ -192,8 +192,8 @@ def log_report(report: DataReport) -> None:
                     " = ".join(os.path.relpath(p, report.root) for p in duplicate["paths"]))
     if len(report.duplicates) > 3:
         log.warning("%d more groups of identical files: `finetune check-data` lists them", len(report.duplicates) - 3)
-    if crop_line(report.crop):
-        log.info(crop_line(report.crop))
+    if line := crop_line(report.crop):
+        log.info(line)
     small = report.small
     if small.get("count"):
         first = small["examples"][0]

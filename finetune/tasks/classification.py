@@ -159,9 +159,9 @@ class ClassificationTask(FinetuneTask):
         return F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=smoothing)
 
     def _mixing_now(self) -> bool:
-        off, max_epochs = self.hparams.get("mixup_off_epochs", 0), self.trainer.max_epochs
         if self.mixing is None:
             return False
+        off, max_epochs = self.hparams.mixup_off_epochs, self.trainer.max_epochs
         return not (off and max_epochs and max_epochs > 0 and self.current_epoch >= max_epochs - off)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
