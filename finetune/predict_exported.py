@@ -43,7 +43,7 @@ def predict(model: ExportedModel, paths: list[Path], out: Path, batch_size: int 
     name = meta.get("writer") or _WRITER_OF_TASK.get(model.task)
     if name not in WRITERS:
         raise ValueError(f"--exported: {model.path} names writer {name!r}, which this finetune does not have; upgrade finetune")
-    files = WRITERS[name](out, meta["class_names"], meta.get("palette"), top_k)
+    files = WRITERS[name](out, meta["class_names"], meta.get("palette"), top_k, thresholds=meta.get("thresholds"))
     for names, images in model.batches(paths, batch_size):  # masks come out at each image's size
         files.write(names, model.run(images))
     return files.close()

@@ -28,6 +28,16 @@ def csv_rows(paths: list[str], probs: np.ndarray, names: list[str], top_k: int) 
     return rows
 
 
+def label_set_rows(paths: list[str], probs: np.ndarray, names: list[str], thresholds) -> list[list[str]]:
+    """One row per image: path, the labels at or above their thresholds (`a;b`, in class order;
+    empty for none), and every label's probability (`a:0.9731;b:0.0123;...`)."""
+    above = probs >= np.asarray(thresholds, dtype=probs.dtype)
+    return [
+        [path, ";".join(n for n, hit in zip(names, hits) if hit), ";".join(f"{n}:{q:.4f}" for n, q in zip(names, p))]
+        for path, p, hits in zip(paths, probs, above)
+    ]
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
     colours = np.asarray(palette, dtype=np.float32)[np.clip(mask, 0, len(palette) - 1)]
     return (image.astype(np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
@@ -76,12 +86,14 @@ class PredictionFiles:
     folder = "predictions"
     one_process = False
 
-    def __init__(self, out: Path, class_names: list[str], palette=None, top_k: int = 5, rank: int | None = None):
+    def __init__(self, out: Path, class_names: list[str], palette=None, top_k: int = 5, rank: int | None = None,
+                 thresholds: list[float] | None = None):
         self.out = Path(out)
         self.class_names = class_names
         self.palette = palette
         self.top_k = top_k
         self.rank = rank  # under DDP: this process's rank, for files of its own
+        self.thresholds = thresholds  # multi-label: each label's decision threshold
 
     def write(self, paths: list[str], outputs: dict[str, np.ndarray], sizes=None) -> None:
         raise NotImplementedError
@@ -98,6 +110,12 @@ class ClassCSV(PredictionFiles):
     reads = ("probabilities",)
     folder = ""
 
+    def header(self) -> list[str]:
+        return csv_header(self.top_k)
+
+    def rows(self, paths: list[str], outputs: dict[str, np.ndarray]) -> list[list[str]]:
+        return csv_rows(paths, outputs["probabilities"], self.class_names, self.top_k)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         name = "predictions.csv" if self.rank is None else f"predictions.rank{self.rank}.csv"
@@ -109,8 +127,8 @@ class ClassCSV(PredictionFiles):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("w", newline="")
             self._writer = csv.writer(self._file)
-            self._writer.writerow(csv_header(self.top_k))
-        self._writer.writerows(csv_rows(paths, outputs["probabilities"], self.class_names, self.top_k))
+            self._writer.writerow(self.header())
+        self._writer.writerows(self.rows(paths, outputs))
         self._file.flush()
 
     def close(self) -> str:
@@ -118,6 +136,18 @@ class ClassCSV(PredictionFiles):
             self._file.close()
             self._file = None
         return f"predictions written to {self.path}"
+
+
+class LabelSetCSV(ClassCSV):
+    """Multi-label `predictions.csv`: path, `labels` (every label at or above its threshold,
+    `;`-separated) and `probabilities` (all labels, `label:probability;...`, in class order)."""
+
+    def header(self) -> list[str]:
+        return ["path", "labels", "probabilities"]
+
+    def rows(self, paths, outputs) -> list[list[str]]:
+        thresholds = self.thresholds if self.thresholds is not None else [0.5] * len(self.class_names)
+        return label_set_rows(paths, outputs["probabilities"], self.class_names, thresholds)
 
 
 class MaskPNGs(PredictionFiles):
@@ -161,4 +191,6 @@ class EmbeddingIndex(PredictionFiles):
 
 
 # A task's contract names one of these (finetune.contract.TaskContract.writer).
-WRITERS: dict[str, type[PredictionFiles]] = {"csv": ClassCSV, "masks": MaskPNGs, "embeddings": EmbeddingIndex}
+WRITERS: dict[str, type[PredictionFiles]] = {
+    "csv": ClassCSV, "labels_csv": LabelSetCSV, "masks": MaskPNGs, "embeddings": EmbeddingIndex,
+}

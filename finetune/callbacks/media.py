@@ -1,4 +1,5 @@
-"""Show a person what the model does: validation predictions and the confusion matrix in W&B."""
+"""Show a person what the model does: validation predictions and the confusion matrix in W&B
+(multi-label: predicted label sets and a per-label table of AP, F1 and threshold)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,19 @@ def normalized_rows(matrix: torch.Tensor) -> torch.Tensor:
     return matrix / matrix.sum(dim=1, keepdim=True).clamp_min(1)
 
 
+def label_set(multi_hot: list, names: list[str]) -> str:
+    """`a+b` for the labels set in a multi-hot row; `-` for none."""
+    return "+".join(name for name, on in zip(names, multi_hot) if on) or "-"
+
+
+def per_label_table(columns: dict[str, list]):
+    """A W&B table with a row per label (label, ap, f1, positives, threshold)."""
+    import wandb
+
+    names = list(columns)
+    return wandb.Table(columns=names, data=[list(row) for row in zip(*columns.values())])
+
+
 class WandbMediaLogger(Callback):
     """Each validation: a grid of `num_images` images captioned with true and predicted class,
     and the confusion matrix. Does nothing without a WandbLogger."""
@@ -65,10 +79,11 @@ class WandbMediaLogger(Callback):
         mean = getattr(datamodule, "mean", (0.0, 0.0, 0.0))
         std = getattr(datamodule, "std", (1.0, 1.0, 1.0))
         names = pl_module.class_names
-        captions = [
-            f"true: {names[t]} / pred: {names[p]}"
-            for t, p in zip(batch["label"][:n].tolist(), outputs[:n].tolist())
-        ]
+        truth, predicted = batch["label"][:n].tolist(), outputs[:n].tolist()
+        if batch["label"].dim() == 2:  # multi-label: multi-hot targets, predicted label sets
+            captions = [f"true: {label_set(t, names)} / pred: {label_set(p, names)}" for t, p in zip(truth, predicted)]
+        else:
+            captions = [f"true: {names[t]} / pred: {names[p]}" for t, p in zip(truth, predicted)]
         logger.log_image(
             "val/predictions", to_uint8_images(batch["image"][:n], mean, std), step=trainer.global_step, caption=captions
         )
@@ -76,8 +91,13 @@ class WandbMediaLogger(Callback):
     def on_validation_end(self, trainer, pl_module):
         # on_validation_end runs after the module's on_validation_epoch_end has computed the matrix.
         logger = _wandb_logger(trainer)
+        if logger is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        per_label = getattr(pl_module, "per_label", None)  # multi-label: AP, F1, threshold per label
+        if per_label is not None:
+            logger.experiment.log({"val/per_label": per_label_table(per_label), "trainer/global_step": trainer.global_step})
         matrix = getattr(pl_module, "confusion_matrix", None)
-        if logger is None or matrix is None or trainer.sanity_checking or not trainer.is_global_zero:
+        if matrix is None:
             return
         names = pl_module.class_names
         logger.experiment.log({

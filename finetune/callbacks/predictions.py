@@ -33,7 +33,8 @@ class PredictionWriter(BasePredictionWriter):
         out = Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / writer.folder
         palette = palette_for(trainer.datamodule, len(pl_module.class_names))
         rank = trainer.global_rank if trainer.world_size > 1 else None
-        return writer(out, list(pl_module.class_names), palette, self.top_k, rank)
+        thresholds = getattr(pl_module, "decision_thresholds", None)  # multi-label tasks have them
+        return writer(out, list(pl_module.class_names), palette, self.top_k, rank, thresholds)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if self._files is None:

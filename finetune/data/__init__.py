@@ -9,15 +9,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from finetune.data.classification import ImageFolderDataModule
     from finetune.data.identity import IdentityFolderDataModule
+    from finetune.data.manifest_module import ManifestDataModule
     from finetune.data.segmentation import SegmentationFolderDataModule
 
 _MODULES = {
     "ImageFolderDataModule": "finetune.data.classification",
     "IdentityFolderDataModule": "finetune.data.identity",
+    "ManifestDataModule": "finetune.data.manifest_module",
     "SegmentationFolderDataModule": "finetune.data.segmentation",
 }
 
-__all__ = ["IdentityFolderDataModule", "ImageFolderDataModule", "SegmentationFolderDataModule"]
+__all__ = ["IdentityFolderDataModule", "ImageFolderDataModule", "ManifestDataModule", "SegmentationFolderDataModule"]
 
 
 def __getattr__(name: str):

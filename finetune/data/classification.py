@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 from finetune.data.bad_images import read_guarded
 from finetune.data.crop_first import CropFirst
 from finetune.data.file_dataset import FileDataset
@@ -24,14 +26,19 @@ class ImageDataset(FileDataset):
     (finetune.data.augment). A transform that starts with RandomResizedCrop runs crop first
     (`crop_first`, the default): only the crop of a JPEG is decoded, with the same result as
     the Compose on the whole image.
+
+    `num_labels`: labels are tuples of label indices (multi-label), given as multi-hot float
+    vectors of this length.
     """
 
     def __init__(
-        self, samples: list[Sample], transform, seed: int = 0, shrink: Shrink | None = None, crop_first: bool = True
+        self, samples: list[Sample], transform, seed: int = 0, shrink: Shrink | None = None, crop_first: bool = True,
+        num_labels: int | None = None,
     ):
         super().__init__(samples, transform, seed)
         self.shrink = shrink  # how far JPEG decoding may reduce an image (see read_rgb)
         self.crop_first = CropFirst(transform) if crop_first and CropFirst.applies(transform) else None
+        self.num_labels = num_labels
 
     def _load(self, index: int) -> dict:
         path, label = self.items[index]
@@ -39,6 +46,8 @@ class ImageDataset(FileDataset):
             image = self.crop_first.finish(read_guarded(self.crop_first.read, path, self.shrink))
         else:
             image = self.transform(image=read_guarded(read_rgb, path, self.shrink))["image"]
+        if self.num_labels is not None:
+            label = torch.zeros(self.num_labels).index_fill_(0, torch.tensor(label, dtype=torch.long), 1.0)
         return {"image": image, "label": label, "path": path, "index": index}
 
 

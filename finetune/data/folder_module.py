@@ -55,7 +55,7 @@ class FolderDataModule(ResumePosition, NormalizeOnDevice, SkipBadImages, DataLoa
             self.train_labels()  # a DataModule without labels fails here, before a model is built
         log.info(
             "%s: %d classes, %d train / %d val / %d test images; %s, mean %s, std %s",
-            hp.root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
+            getattr(self, "source", None) or hp.root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
             self.input_summary(), self.mean, self.std,
         )
         log_report(self.report)

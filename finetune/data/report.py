@@ -123,18 +123,24 @@ def _finish(report: DataReport, screen: Screening, where: dict[str, tuple[str, s
     return report
 
 
+def _label_indices(label: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The labels of an item: its class, or a multi-label item's labels."""
+    return label if isinstance(label, tuple) else (label,)
+
+
 def folder_report(root: str, datamodule: str, splits: Splits, screen: Screening,
                   crop: tuple[str, float] | None = None) -> DataReport:
-    """Classification and identity folders: `splits` of (path, class index) samples. `crop`:
+    """Classification and identity folders, manifests: `splits` of (path, class index) samples,
+    or (path, label indices) for multi-label (counts are then images per label). `crop`:
     (data.crop, crop_pct), to advise on the crop policy."""
     report = DataReport(str(root), datamodule)
     where = {}
     for split, samples in splits.items():
         names = splits.val_names if split == "val" and splits.val_names is not None else splits.class_names
-        counts = Counter(label for _, label in samples)
+        counts = Counter(i for _, label in samples for i in _label_indices(label))
         if samples or split != "test":
             report.counts[split] = {name: counts[i] for i, name in enumerate(names)}
-        where.update({path: (split, names[label]) for path, label in samples})
+        where.update({path: (split, "+".join(names[i] for i in _label_indices(label))) for path, label in samples})
     report.imbalance = _imbalance(report.counts["train"])
     if crop is not None:
         report.crop = _crop_advice(screen, [path for path, _ in splits.train], *crop)

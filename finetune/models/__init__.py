@@ -5,8 +5,8 @@ graph return) and `from_hparams(hparams)`, which builds it from a task's hyperpa
 task builds it so, and export rebuilds it so from a checkpoint, without Lightning.
 """
 
-from finetune.models.classifier import Classifier
+from finetune.models.classifier import Classifier, MultiLabelClassifier
 from finetune.models.deeplab import DeepLabV3
 from finetune.models.embedding import EmbeddingNet
 
-__all__ = ["Classifier", "DeepLabV3", "EmbeddingNet"]
+__all__ = ["Classifier", "DeepLabV3", "EmbeddingNet", "MultiLabelClassifier"]

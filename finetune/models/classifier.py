@@ -1,7 +1,9 @@
-"""Image classifier: timm backbone (its classifier removed) + pooled linear head."""
+"""Image classifiers: timm backbone (its classifier removed) + pooled linear head; one class per
+image (softmax) or any number of labels (a sigmoid each)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from finetune.backbones import Pretrained, create_backbone
@@ -45,17 +47,39 @@ class Classifier(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
 
+    @staticmethod
+    def activation(logits: Tensor) -> Tensor:
+        return logits.softmax(dim=1)
+
+    @staticmethod
+    def logits_of(probabilities: Tensor) -> Tensor:
+        """Logits whose `activation` gives `probabilities` back (the log: softmax undoes it)."""
+        return probabilities.clamp_min(1e-12).log()
+
     def probabilities(self, images: Tensor) -> Tensor:
-        """Softmax of the logits, averaged over the test-time views (just the image without TTA)."""
-        return average_over_views(lambda view: self(view).softmax(dim=1), images, self.tta_flip, self.tta_scales, dense=False)
+        """The activation of the logits, averaged over the test-time views (just the image without TTA)."""
+        return average_over_views(lambda view: self.activation(self(view)), images, self.tta_flip, self.tta_scales, dense=False)
 
     def evaluation_logits(self, images: Tensor) -> Tensor:
-        """What validation and test score: the logits, or with test-time augmentation the log of
-        the averaged probabilities (cross-entropy of those is the averaged prediction's loss)."""
+        """What validation and test score: the logits, or with test-time augmentation the logits
+        of the averaged probabilities (the loss of those is the averaged prediction's loss)."""
         if not self.uses_tta:
             return self(images)
-        return self.probabilities(images).clamp_min(1e-12).log()
+        return self.logits_of(self.probabilities(images))
 
     def predict(self, images: Tensor) -> dict[str, Tensor]:
         logits = self.evaluation_logits(images)
-        return {"logits": logits, "probabilities": logits.softmax(dim=1)}
+        return {"logits": logits, "probabilities": self.activation(logits)}
+
+
+class MultiLabelClassifier(Classifier):
+    """Any number of labels per image: an independent sigmoid per label (`probabilities` do not
+    sum to 1). The network is Classifier's; only how logits become probabilities differs."""
+
+    @staticmethod
+    def activation(logits: Tensor) -> Tensor:
+        return logits.sigmoid()
+
+    @staticmethod
+    def logits_of(probabilities: Tensor) -> Tensor:
+        return torch.logit(probabilities, eps=1e-6)

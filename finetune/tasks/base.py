@@ -69,6 +69,14 @@ class FinetuneTask(L.LightningModule):
         self.trainable_stages = ft.trainable_stage_count(self.finetuning, len(self.stages), epoch)
         ft.apply(self.backbone, self.stages, self.trainable_stages, self.finetuning["train_bn"], self.training)
 
+    def configure_callbacks(self):
+        # `model.lr: auto` (tasks whose `lr` accepts it): the LR range test runs at fit start.
+        if self.hparams.get("lr") == "auto":
+            from finetune.callbacks.lr_auto import LearningRateFromRangeTest
+
+            return [LearningRateFromRangeTest()]
+        return []
+
     def log_per_class(self, prefix: str, values) -> None:
         """`<prefix>/<class name>` scalars, for up to MAX_PER_CLASS_SCALARS classes."""
         if len(self.class_names) <= MAX_PER_CLASS_SCALARS:

@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finetune.backbones import Pretrained
 from finetune.contract import TaskContract
+from finetune.errors import FinetuneError
 from finetune.finetuning import FinetuningConfig
 from finetune.models import Classifier
 from finetune.optim import OptimizerName, SchedulerName
@@ -117,7 +118,8 @@ class ClassificationTask(FinetuneTask):
         for key in ("label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_off_epochs"):
             check_value(f"model.{key}", self.hparams[key])  # also when built in Python, not by the CLI
         self.mixing = (
-            BatchMixing(num_classes, mixup, cutmix, mixup_prob, mixup_switch_prob, label_smoothing) if mixup or cutmix else None
+            BatchMixing(num_classes, mixup, cutmix, mixup_prob, mixup_switch_prob, label_smoothing, mixup_off_epochs)
+            if mixup or cutmix else None
         )
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise ValueError(
@@ -138,6 +140,11 @@ class ClassificationTask(FinetuneTask):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if getattr(self.trainer.datamodule, "multilabel", False):
+            raise FinetuneError(
+                f"model.class_path: {type(self.trainer.datamodule).__name__} gives several labels per image; "
+                "use finetune.tasks.MultiLabelClassificationTask (one class per image: set data.multilabel false)"
+            )
         weights = self.hparams.get("class_weights")
         if weights is not None and stage == "fit":
             if weights == "auto":
@@ -145,28 +152,15 @@ class ClassificationTask(FinetuneTask):
                 log.info("class weights (inverse frequency): %s", ", ".join(f"{w:.3g}" for w in weights))
             self.loss_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
 
-    def configure_callbacks(self):
-        if self.hparams.lr == "auto":
-            from finetune.callbacks.lr_auto import LearningRateFromRangeTest
-
-            return [LearningRateFromRangeTest()]
-        return []
-
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices (with label smoothing) or against probabilities
         (mixed targets, smoothing already in them), weighted per class when set."""
         smoothing = self.hparams.label_smoothing if labels.dim() == 1 else 0.0
         return F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=smoothing)
 
-    def _mixing_now(self) -> bool:
-        if self.mixing is None:
-            return False
-        off, max_epochs = self.hparams.mixup_off_epochs, self.trainer.max_epochs
-        return not (off and max_epochs and max_epochs > 0 and self.current_epoch >= max_epochs - off)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, targets = batch["image"], batch["label"]
-        if self._mixing_now():
+        if self.mixing is not None and self.mixing.active(self.current_epoch, self.trainer.max_epochs):
             images, targets = self.mixing(images, targets, self.global_step, self.global_rank)
         logits = self(images)
         loss = self._loss(logits, targets)

@@ -21,10 +21,14 @@ class BatchMixing:
     """`mixup` / `cutmix`: the Beta(alpha, alpha) parameters (0: that one is off). With both on,
     CutMix is picked with probability `switch_prob`; a batch is mixed at all with probability
     `prob`. Targets are the mixed one-hot labels with `label_smoothing` applied (what timm's
-    `mixup_target` computes), for cross-entropy with probabilities as targets."""
+    `mixup_target` computes), for cross-entropy with probabilities as targets. Multi-hot
+    targets (multi-label, [N, classes]) are mixed as they are, without smoothing here.
+    `off_epochs`: the last N epochs train on plain batches (timm's `--mixup-off-epoch`)."""
 
-    def __init__(self, num_classes: int, mixup: float, cutmix: float, prob: float, switch_prob: float, label_smoothing: float):
+    def __init__(self, num_classes: int, mixup: float, cutmix: float, prob: float, switch_prob: float,
+                 label_smoothing: float, off_epochs: int = 0):
         self.num_classes, self.prob, self.label_smoothing = num_classes, prob, label_smoothing
+        self.off_epochs = off_epochs
         choices, weights = [], []
         if cutmix > 0:
             choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
@@ -36,6 +40,11 @@ class BatchMixing:
             raise ValueError("BatchMixing needs model.mixup > 0 or model.cutmix > 0")
         self.mix = v2.RandomChoice(choices, p=weights)
 
+    def active(self, epoch: int, max_epochs: int | None) -> bool:
+        """Whether `epoch` mixes: all but the last `off_epochs` of a run with a known length."""
+        off = self.off_epochs
+        return not (off and max_epochs and max_epochs > 0 and epoch >= max_epochs - off)
+
     def __call__(self, images: Tensor, labels: Tensor, step: int, rank: int = 0) -> tuple[Tensor, Tensor]:
         with torch.random.fork_rng(devices=[]):  # the CPU generator only; the training's own is untouched
             # Not torch.manual_seed: it would reseed the GPU's generator too, which fork_rng(devices=[]) does not restore.
@@ -43,7 +52,7 @@ class BatchMixing:
             if torch.rand(()).item() < self.prob:
                 images, targets = self.mix(images, labels)
             else:
-                targets = F.one_hot(labels, self.num_classes).to(images.dtype)
+                targets = labels.to(images.dtype) if labels.dim() == 2 else F.one_hot(labels, self.num_classes).to(images.dtype)
         if self.label_smoothing:
             targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
         return images, targets
