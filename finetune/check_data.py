@@ -70,6 +70,11 @@ def _n(count: int, noun: str) -> str:
 
 
 def _rel(path: str, root: str) -> str:
+    """`path` from the data folder (a manifest's: the folder it is in); a bad row (`file:line`) as it is."""
+    if os.path.isfile(root):
+        root = os.path.dirname(root)
+    if not os.path.isabs(path) and not os.path.exists(path):
+        return path
     try:
         return os.path.relpath(path, root)
     except ValueError:

@@ -100,12 +100,15 @@ def test_every_config_instantiates(config, colour_folder, shapes_folder, identit
         args = ["--config", str(REPO / "configs" / OVERLAYS[config.name]), *args]
     task = config.name.split("_")[0].removesuffix(".yaml")
     data = {"segment": [shapes_folder], "faces": [identity_folder, "--data.pairs_file", "null"]}.get(task, [colour_folder])
+    # The multi-label config reads the committed sample's manifest (its paths are relative to it).
+    root = [] if task == "multilabel" else ["--data.root", *map(str, data)]
     cli = create_cli(
-        [*args, "--data.root", *map(str, data), "--model.pretrained", "false",
+        [*args, *root, "--model.pretrained", "false",
          "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.default_root_dir", str(tmp_path)],
         run=False,
     )
-    expected = {"segment": ["background", "red", "blue"], "faces": [f"id{i:02d}" for i in range(40)]}
+    fashion = sorted(["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"])
+    expected = {"segment": ["background", "red", "blue"], "faces": [f"id{i:02d}" for i in range(40)], "multilabel": fashion}
     assert cli.model.class_names == expected.get(task, ["blue", "green", "red"])
     assert cli.model.hparams.num_classes == len(cli.model.class_names)
     assert cli.datamodule.hparams.backbone == cli.model.hparams.backbone

@@ -109,17 +109,21 @@ class ManifestDataModule(ImageFolderDataModule):
     def scan_folder(self, root: str, val_fraction: float, seed: int) -> Splits:
         hp = self.hparams
         rows, base, dataset_classes = self._rows()
-        table = parse_manifest(
-            rows, str(self.source), base, path_column=hp.path_column,
-            label_column=hp.label_column or ("label" if hp.hf_dataset is not None else None),
-            label_columns=hp.label_columns, label_delimiter=hp.label_delimiter,
-            split_column=hp.split_column or ("split" if hp.hf_dataset is not None else None),
-            classes=hp.classes or dataset_classes, multilabel=hp.multilabel,
-        )
+        # hf_rows gives every dataset's rows as {path, label, split}, whatever its own columns.
+        columns = dict(path_column="path", label_column="label", split_column="split") if hp.hf_dataset else dict(
+            path_column=hp.path_column, label_column=hp.label_column, label_columns=hp.label_columns,
+            split_column=hp.split_column)
+        table = parse_manifest(rows, str(self.source), base, **columns, label_delimiter=hp.label_delimiter,
+                               classes=hp.classes or dataset_classes, multilabel=hp.multilabel)
         self.bad_files.reject(table.problems)  # under `raise`, the first bad row stops here
         self.multilabel = table.multilabel
         good = self.screening.keep([entry.path for entry in table.entries])
         entries = [entry for entry in table.entries if entry.path in good]
+        if not entries:
+            first = table.entries[0].path
+            why = self.bad_files.records.get(first, ("cannot be used",))[0]
+            raise FinetuneError(f"data.manifest: none of the {len(table.entries)} images {self.source} lists can be used "
+                                f"(e.g. {first}: {why}); relative paths start at {base} (data.root)")
         splits = self._split(entries, table.class_names, val_fraction, seed)
         self._check_training_labels(splits, table.class_names)
         return splits

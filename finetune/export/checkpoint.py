@@ -33,7 +33,9 @@ class Loaded:
 
     @property
     def data_root(self) -> str | None:
-        return self.data.get("root")
+        """Where the training images are: the data folder, or the folder of a manifest's file."""
+        manifest = self.data.get("manifest")
+        return self.data.get("root") or (str(Path(manifest).expanduser().parent) if manifest else None)
 
     def metadata_extras(self) -> dict:
         return self.contract.metadata(self.hparams, self.data)
