@@ -126,7 +126,7 @@ def render(report: DataReport, console: Console) -> None:
                 console.print(f"  {split}: {_summary(counts)}")
     if report.imbalance:
         i = report.imbalance
-        measure = "pixels" if i.get("measure") else f"{i['largest_count']} vs {i['smallest_count']} training images"
+        measure = "pixels" if i.get("measure") == "pixels" else f"{i['largest_count']} vs {i['smallest_count']} training images"
         if i["ratio"] > 1:
             console.print(f"Imbalance: {i['largest']} / {i['smallest']} = {i['ratio']}x ({measure})")
         else:

@@ -5,6 +5,7 @@ identical when fp16's grad scaler skips a step on one of them."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -16,8 +17,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
 from finetune.callbacks import EMA
-from finetune.data import ImageFolderDataModule, SegmentationFolderDataModule
-from finetune.tasks import ClassificationTask, SegmentationTask
+from finetune.data import ImageFolderDataModule, ManifestDataModule, SegmentationFolderDataModule
+from finetune.tasks import ClassificationTask, MultiLabelClassificationTask, SegmentationTask
 
 
 class RecordTrainable(Callback):
@@ -136,6 +137,8 @@ class KeepEvaluation(Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             tensors = {name: getattr(pl_module, name, None) for name in ("confusion_matrix", "per_class_iou")}
+            if hasattr(pl_module, "decision_thresholds"):  # multi-label: tuned on the whole validation
+                tensors["thresholds"] = torch.tensor(pl_module.decision_thresholds)
             metrics = {k: v.cpu() for k, v in trainer.callback_metrics.items()}
             torch.save({**metrics, **{k: v for k, v in tensors.items() if v is not None}}, self.path)
 
@@ -179,4 +182,23 @@ def test_two_ranks_evaluate_exactly_what_one_process_does(tmp_path):
     task = SegmentationTask(3, backbone="resnet18", pretrained=False, class_names=dm.class_names, aspp_channels=16)
     one, two = (validate(task, dm, devices, tmp_path / f"masks{devices}.pt") for devices in (1, 2))
     assert {"val/miou", "val/pixel_acc", "val/loss", "per_class_iou"} <= one.keys()
+    assert_same_evaluation(one, two)
+
+
+def test_two_ranks_evaluate_multi_label_exactly_what_one_process_does(tmp_path):
+    """101 validation images on 2 ranks: mAP (macro and micro), F1, exact match, per-label AP and
+    the thresholds tuned on them are those of one process (the padded copy counts once)."""
+    from test_multilabel import write_colour_sets
+
+    rows = write_colour_sets(tmp_path, 4, "train", seed=0, size=16) + write_colour_sets(tmp_path, 101, "val", seed=1, size=16)
+    rows = [row if row[1] else [row[0], "red", row[2]] for row in rows]  # every row labelled: all 101 are kept
+    (tmp_path / "labels.csv").write_text("path,labels,split\n" + "".join(",".join(row) + "\n" for row in rows))
+    dm = ManifestDataModule(str(tmp_path / "labels.csv"), backbone="resnet18", image_size=16, crop="whole", batch_size=16,
+                            num_workers=0, classes=["red", "green", "blue"])
+    assert len(dm.splits.val) == 101 and dm.multilabel
+    L.seed_everything(0)
+    task = MultiLabelClassificationTask(3, "resnet18", pretrained=False, class_names=dm.class_names, tune_thresholds=True)
+    fresh = copy.deepcopy(task)  # validating tunes the thresholds: each run starts from the same ones
+    one, two = validate(task, dm, 1, tmp_path / "labels1.pt"), validate(fresh, dm, 2, tmp_path / "labels2.pt")
+    assert {"val/map", "val/map_micro", "val/f1", "val/exact_match", "val/ap_class/red", "thresholds"} <= one.keys()
     assert_same_evaluation(one, two)

@@ -1,9 +1,10 @@
 """Read a manifest: a table (CSV, TSV, JSONL or Parquet) of image paths and their labels.
 
 `read_table` turns a file into rows; `parse_manifest` turns rows into entries (path, class
-indices, split), leaving out the rows it cannot use as `problems`, for the caller to hand to
-`BadFiles.reject` (`data.on_bad_image: raise` stops at the first, `skip` lists them). It does not
-open the images: the DataModule screens the files afterwards, as for a folder.
+indices, split), `parse_pairs` into segmentation (image, mask, split) pairs; both leave out the
+rows they cannot use as `problems`, for the caller to hand to `BadFiles.reject`
+(`data.on_bad_image: raise` stops at the first, `skip` lists them). Neither opens the images:
+the DataModule screens the files afterwards, as for a folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": 
 PATH_NAMES = ("path", "image", "image_path", "filepath", "file_path", "file", "filename", "img", "image_id")
 LABEL_NAMES = ("label", "labels", "tags", "class", "classes", "category", "target")
 SPLIT_NAMES = ("split", "subset", "set", "partition")
+# Segmentation pairs: an image column and a mask column (a class-index PNG per image).
+IMAGE_NAMES = ("image", "image_path", "path", "img", "file", "filename")
+MASK_NAMES = ("mask", "mask_path", "label", "annotation", "segmentation", "target")
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -50,6 +54,14 @@ class Manifest:
     multilabel: bool
     source: str
     columns: dict[str, str | list[str] | None]  # path, label, labels (one-hot), split: the columns used
+    problems: list[Problem] = field(default_factory=list)  # the rows left out, kind "row", path "<source>:<line>"
+
+
+@dataclass
+class PairManifest:
+    pairs: list[tuple[str, str, str | None]]  # (image path, mask path, split or None), resolved like Entry.path
+    source: str
+    columns: dict[str, str | None]  # image, mask, split: the columns used
     problems: list[Problem] = field(default_factory=list)  # the rows left out, kind "row", path "<source>:<line>"
 
 
@@ -212,6 +224,39 @@ def _resolve(value, base: Path) -> str:
     return os.path.normpath(path if path.is_absolute() else base / path)
 
 
+def _check_not_empty(rows: list[dict], source: str) -> None:
+    if not rows:
+        raise FinetuneError(f"data.manifest: {source} has no rows; add one row per image")
+
+
+def _extra_values(row: dict) -> str | None:
+    """Why a CSV/TSV row has more values than the header has columns, or None."""
+    extra = row.get(None)
+    if extra and any(str(value).strip() for value in extra):  # a trailing delimiter alone is harmless
+        columns = len([key for key in row if isinstance(key, str) and key != LINE])
+        return (f"{columns + len(extra)} values but the header has {columns} columns; "
+                "quote values that contain the delimiter")
+    return None
+
+
+def _empty_path(row: dict, key: str, what: str = "image") -> str | None:
+    return None if _text(row.get(key)) else f"empty path in column {key!r}; give the {what}'s path"
+
+
+def _repeated(first_line: dict[str, int], path: str, line: int) -> str | None:
+    """Why the row names an image an earlier row named, or None (and the row's line is noted)."""
+    if path in first_line:
+        return f"same image as line {first_line[path]}; remove one of the rows"
+    first_line[path] = line
+    return None
+
+
+def _no_usable_row(source: str, problems: list[Problem]) -> FinetuneError:
+    return FinetuneError(
+        f"data.manifest: {source} has no usable row ({len(problems)} bad: {problems[0].path}: {problems[0].reason})"
+    )
+
+
 @dataclass
 class _Row:
     """A row read so far: its labels by name (one-hot: by index) before the class list is known."""
@@ -237,8 +282,7 @@ def parse_manifest(
     """Entries of the rows (from `read_table`); rows it cannot use are `problems`, not errors.
 
     Raises FinetuneError (one line) for a column that is missing, or when no row is usable."""
-    if not rows:
-        raise FinetuneError(f"data.manifest: {source} has no rows; add one row per image")
+    _check_not_empty(rows, source)
     header = _header(rows)
     path_key = _column(header, source, "path_column", path_column, PATH_NAMES, required=True)
     if label_columns is not None:
@@ -292,18 +336,15 @@ def parse_manifest(
             problems.append(Problem(f"{source}:{row.line}", f"label {unknown[0]!r} is not in data.classes; "
                                     "add it to data.classes", kind="row"))
             continue
-        if row.path in first_line:
-            problems.append(Problem(f"{source}:{row.line}", f"same image as line {first_line[row.path]}; "
-                                    "remove one of the rows", kind="row"))
+        repeated = _repeated(first_line, row.path, row.line)
+        if repeated:
+            problems.append(Problem(f"{source}:{row.line}", repeated, kind="row"))
             continue
-        first_line[row.path] = row.line
         entries.append(Entry(row.path, tuple(sorted(index[name] for name in row.names)), row.split, row.line))
 
     problems.sort(key=lambda problem: int(problem.path.rsplit(":", 1)[1]))
     if not entries:
-        raise FinetuneError(
-            f"data.manifest: {source} has no usable row ({len(problems)} bad: {problems[0].path}: {problems[0].reason})"
-        )
+        raise _no_usable_row(source, problems)
     columns = {"path": path_key, "label": label_key, "labels": one_hot, "split": split_key}
     return Manifest(entries, class_names, multilabel, source, columns, problems)
 
@@ -311,13 +352,9 @@ def parse_manifest(
 def _read_row(row: dict, path_key: str, label_key: str | None, one_hot: list[str] | None, delimiter: str | None,
               split_key: str | None, base: Path, multilabel: bool) -> _Row | str:
     """The row, or why it cannot be used (a reason that says the fix)."""
-    extra = row.get(None)
-    if extra and any(str(value).strip() for value in extra):  # a trailing delimiter alone is harmless
-        columns = len([key for key in row if isinstance(key, str) and key != LINE])
-        return (f"{columns + len(extra)} values but the header has {columns} columns; "
-                "quote values that contain the delimiter")
-    if not _text(row.get(path_key)):
-        return f"empty path in column {path_key!r}; give the image's path"
+    why = _extra_values(row) or _empty_path(row, path_key)
+    if why:
+        return why
     split, why = _split(row.get(split_key)) if split_key is not None else (None, None)
     if why:
         return why
@@ -341,6 +378,54 @@ def _read_row(row: dict, path_key: str, label_key: str | None, one_hot: list[str
             return (f"{len(names)} labels but data.multilabel is false ({', '.join(map(repr, names))}); "
                     "give one label, or set data.multilabel true")
     return _Row(row.get(LINE, 0), _resolve(row.get(path_key), base), names, split)
+
+
+def parse_pairs(
+    rows: list[dict],
+    source: str,
+    base: Path,
+    *,
+    image_column: str | None = None,
+    mask_column: str | None = None,
+    split_column: str | None = None,
+) -> PairManifest:
+    """Segmentation (image, mask, split) pairs of the rows (from `read_table`); rows it cannot use
+    (an empty path, an unknown split, an image an earlier row has) are `problems`, not errors.
+
+    Raises FinetuneError (one line) for a column that is missing, or when no row is usable."""
+    _check_not_empty(rows, source)
+    header = _header(rows)
+    image_key = _column(header, source, "image_column", image_column, IMAGE_NAMES, required=True)
+    mask_key = _column(header, source, "mask_column", mask_column, MASK_NAMES, required=True)
+    if mask_key == image_key:
+        raise FinetuneError(f"data.mask_column: manifest {source} would read images and masks from the same column "
+                            f"{image_key!r}; name the mask column with data.mask_column")
+    split_key = _column(header, source, "split_column", split_column, SPLIT_NAMES, required=False)
+
+    pairs: list[tuple[str, str, str | None]] = []
+    problems: list[Problem] = []
+    first_line: dict[str, int] = {}
+    for row in rows:
+        line = row.get(LINE, 0)
+        got = _read_pair(row, image_key, mask_key, split_key, base)
+        why = got if isinstance(got, str) else _repeated(first_line, got[0], line)
+        if why:
+            problems.append(Problem(f"{source}:{line}", why, kind="row"))
+        else:
+            pairs.append(got)
+    if not pairs:
+        raise _no_usable_row(source, problems)
+    return PairManifest(pairs, source, {"image": image_key, "mask": mask_key, "split": split_key}, problems)
+
+
+def _read_pair(row: dict, image_key: str, mask_key: str, split_key: str | None,
+               base: Path) -> tuple[str, str, str | None] | str:
+    """The row's (image, mask, split), or why it cannot be used (a reason that says the fix)."""
+    why = _extra_values(row) or _empty_path(row, image_key) or _empty_path(row, mask_key, "mask")
+    if why:
+        return why
+    split, why = _split(row.get(split_key)) if split_key is not None else (None, None)
+    return why or (_resolve(row.get(image_key), base), _resolve(row.get(mask_key), base), split)
 
 
 def count_labels(entries: list[Entry], num_classes: int) -> list[int]:

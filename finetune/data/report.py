@@ -109,7 +109,8 @@ def _finish(report: DataReport, screen: Screening, where: dict[str, tuple[str, s
     if report.imbalance and report.imbalance["ratio"] >= 10:
         i = report.imbalance
         # Measured at 1:10 (benchmarks/recipes.py): either raised balanced accuracy by ~0.2.
-        advice = "" if i.get("measure") == "pixels" else "; try --model.class_weights auto or --data.sampler balanced"
+        advice = {"pixels": "", "labels": "; try --model.pos_weight auto"}.get(
+            i.get("measure"), "; try --model.class_weights auto or --data.sampler balanced")
         w.append(f"class imbalance: {i['largest']} has {i['ratio']}x the training images of {i['smallest']}{advice}")
     leaks = [d for d in report.duplicates if len(d["splits"]) > 1]
     conflicts = [d for d in report.duplicates if len(d["classes"]) > 1]
@@ -142,6 +143,8 @@ def folder_report(root: str, datamodule: str, splits: Splits, screen: Screening,
             report.counts[split] = {name: counts[i] for i, name in enumerate(names)}
         where.update({path: (split, "+".join(names[i] for i in _label_indices(label))) for path, label in samples})
     report.imbalance = _imbalance(report.counts["train"])
+    if report.imbalance and any(isinstance(label, tuple) for _, label in splits.train):
+        report.imbalance.update(measure="labels")  # images per label, of multi-label items
     if crop is not None:
         report.crop = _crop_advice(screen, [path for path, _ in splits.train], *crop)
     report.fatal += [f"class {name!r} has no readable training image" for name, n in report.counts["train"].items()
@@ -186,7 +189,7 @@ def log_report(report: DataReport) -> None:
     if report.imbalance and report.imbalance["ratio"] > 1:
         i = report.imbalance
         log.info("largest class %s is %.1fx the smallest, %s (%s)", i["largest"], i["ratio"], i["smallest"],
-                 "by pixels" if i.get("measure") else f"{i['largest_count']} vs {i['smallest_count']} training images")
+                 "by pixels" if i.get("measure") == "pixels" else f"{i['largest_count']} vs {i['smallest_count']} training images")
     if report.skipped:
         kinds = Counter(re.split(r"[:;(]", s["reason"])[0].strip() for s in report.skipped)
         shown = ", ".join(os.path.relpath(s["path"], report.root) for s in report.skipped[:3])

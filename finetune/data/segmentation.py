@@ -1,8 +1,10 @@
-"""DataModule for semantic segmentation from a folder of images and class-index PNG masks."""
+"""DataModule for semantic segmentation from a folder of images and class-index PNG masks, or
+from a manifest of (image, mask) pairs."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import albumentations as A
@@ -13,15 +15,17 @@ from finetune.data.bad_images import read_guarded
 from finetune.data.file_dataset import FileDataset
 from finetune.data.folder_module import FolderDataModule
 from finetune.data.images import read_rgb
+from finetune.data.manifest import PairManifest, parse_pairs, read_table
 from finetune.data.report import DataReport, segmentation_report
 from finetune.data.segmentation_classes import read_class_list
 from finetune.data.segmentation_folder import (
     Pair,
     existing_root,
+    random_split,
     read_mask,
     scan_segmentation_folder,
 )
-from finetune.data.splits import Splits
+from finetune.data.splits import SPLIT_NAMES, Splits
 from finetune.data.transforms import compose_to_tensor
 from finetune.preprocessing import Preprocessing
 
@@ -135,10 +139,12 @@ class PadCollate:
 
 # DeepLabV3's default output stride: a smaller image gives 1x1 features (reported, not skipped).
 SMALLEST_SIDE = 16
+CLASS_FILES = ("classes.yaml", "classes.txt")
 
 
 class SegmentationFolderDataModule(FolderDataModule):
-    """Images + class-index PNG masks in `root/{images,masks}` or `root/{train,val[,test]}/{images,masks}`.
+    """Images + class-index PNG masks in `root/{images,masks}` or `root/{train,val[,test]}/{images,masks}`,
+    or listed in `manifest`.
 
     Masks match images by relative path and stem (`images/a/x.jpg` -> `masks/a/x.png`). Classes
     come from `class_names`, `root/classes.yaml` or `root/classes.txt`, read here with every
@@ -146,13 +152,21 @@ class SegmentationFolderDataModule(FolderDataModule):
     with `on_bad_image: raise`, fails) before training starts. `mean` and `std` default to the
     pretrained config of `backbone`. Evaluation is at full resolution: metrics are computed on
     the labels as drawn; batches are padded in collate (PadCollate).
+
+    `manifest` (.csv, .tsv, .jsonl or .parquet; finetune/data/manifest.py): one row per image
+    with its mask and, optionally, its split; columns `image_column` (image, image_path, path,
+    ...), `mask_column` (mask, mask_path, label, ...), `split_column` (split, subset, ...). `root`
+    is then where relative paths start (default: the manifest's folder), and the class list is
+    its classes.yaml/txt or else the manifest folder's. Rows with split val/test go there; when
+    no row says val, `val_fraction` of the others is held out as for a folder, else they train.
+    Bad rows are skipped and listed like bad files, or stop the run under `on_bad_image: raise`.
     """
 
     test_layout = "root/test/images + root/test/masks"
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         backbone: str = "resnet50",
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -169,13 +183,26 @@ class SegmentationFolderDataModule(FolderDataModule):
         pad_multiple: int = 32,
         predict_root: str | None = None,
         on_bad_image: Literal["skip", "raise"] = "skip",
+        manifest: str | None = None,
+        image_column: str | None = None,
+        mask_column: str | None = None,
+        split_column: str | None = None,
     ):
         super().__init__()
         # Lightning merges model and data hparams for the logger and refuses differing values: the
         # model's class_names are these, resolved, and linked in by the CLI; keep `None` out.
         self.save_hyperparameters(ignore=["class_names"])
-        # Class list and settings first: a config mistake should not wait for a scan of every file.
-        self._class_names, self._class_colors = read_class_list(existing_root(root), class_names)
+        # The table, class list and settings first: a config mistake should not wait for a scan of every file.
+        self.source = manifest  # named in the log line and the report instead of `root`
+        if manifest is not None:
+            self.pair_manifest = self._read_manifest()
+            class_folder = self._manifest_class_folder(class_names)
+        elif root is None:
+            raise ValueError("data.root: not set; point it at a folder of images/ + masks/, "
+                             "or set data.manifest to a table of image and mask paths")
+        else:
+            class_folder = existing_root(root)
+        self._class_names, self._class_colors = read_class_list(class_folder, class_names)
         self._check_settings()
         self.preprocessing = Preprocessing.resolve(backbone, mean=mean, std=std, full_resolution=True)
         self._read_folder(min_side=SMALLEST_SIDE, mask_labels=(self.num_classes, ignore_index))
@@ -192,11 +219,65 @@ class SegmentationFolderDataModule(FolderDataModule):
         if not 0 < hp.scale[0] <= hp.scale[1]:
             raise ValueError(f"data.scale: {tuple(hp.scale)} must be (low, high) with 0 < low <= high, e.g. (0.5, 2.0)")
 
-    def scan_folder(self, root: str, val_fraction: float, seed: int) -> Splits[Pair]:
+    # -- a manifest instead of a folder ------------------------------------------------------
+
+    def _manifest_base(self) -> Path:
+        """Where the manifest's relative paths start: `root`, or the manifest's folder."""
+        hp = self.hparams
+        if hp.root is None:
+            return Path(hp.manifest).expanduser().parent
+        root = Path(hp.root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: {root} is not a folder; with data.manifest it is the folder relative "
+                                    "paths start from (leave it out for the manifest's own folder)")
+        return root
+
+    def _read_manifest(self) -> PairManifest:
+        hp = self.hparams
+        return parse_pairs(read_table(hp.manifest), str(hp.manifest), self._manifest_base(),
+                           image_column=hp.image_column, mask_column=hp.mask_column, split_column=hp.split_column)
+
+    def _manifest_class_folder(self, class_names: list[str] | None) -> Path:
+        """`root` when it has a class list, else the manifest's folder."""
+        folders = list(dict.fromkeys([self._manifest_base(), Path(self.hparams.manifest).expanduser().parent]))
+        found = [folder for folder in folders if any((folder / name).is_file() for name in CLASS_FILES)]
+        if not found and class_names is None:
+            raise ValueError(f"data.manifest: no class list; add classes.yaml (a list of names, index 0 first) or "
+                             f"classes.txt to {' or '.join(map(str, folders))}, or pass --data.class_names [background,...]")
+        return (found or folders)[0]
+
+    def _scan_manifest(self, val_fraction: float, seed: int) -> Splits[Pair]:
+        table = self.pair_manifest
+        self.bad_files.reject(table.problems)  # under `raise`, the first bad row stops here
+        kept = set(self.screening.keep_pairs([(image, mask) for image, mask, _ in table.pairs]))
+        by_split = {name: [(i, m) for i, m, s in table.pairs if s == name and (i, m) in kept] for name in SPLIT_NAMES}
+        unassigned = [(i, m) for i, m, s in table.pairs if s is None and (i, m) in kept]
+        if by_split["val"]:
+            by_split["train"] += unassigned
+        else:  # as a folder with train/ alone, and the classification manifest: hold out val_fraction
+            by_split["train"], by_split["val"] = random_split(by_split["train"] + unassigned, val_fraction, seed)
+        if not by_split["train"]:
+            raise ValueError(  # as a folder without one: check-data reports it as fatal
+                f"data.manifest: {table.source} has no usable training pair ({len(self.bad_files.records)} skipped: "
+                f"`finetune check-data` lists them); relative paths start at {self._manifest_base()} (data.root)"
+            )
+        return Splits(**by_split)
+
+    # -- what FolderDataModule asks for ------------------------------------------------------
+
+    def scan_folder(self, root: str | None, val_fraction: float, seed: int) -> Splits[Pair]:
+        if self.hparams.manifest is not None:
+            return self._scan_manifest(val_fraction, seed)
         return scan_segmentation_folder(root, val_fraction, seed, self.screening)
 
     def data_report(self) -> DataReport:
-        return segmentation_report(self.hparams.root, type(self).__name__, self.splits, self.class_names, self.screening)
+        return segmentation_report(self.source or self.hparams.root, type(self).__name__, self.splits,
+                                   self.class_names, self.screening)
+
+    def test_dataloader(self):
+        if self.source is not None and not self.splits.test:
+            raise ValueError(f"data.manifest: {self.source} has no row with split `test`; mark the rows to test on")
+        return super().test_dataloader()
 
     @property
     def class_names(self) -> list[str]:
