@@ -41,6 +41,10 @@ def main() -> None:
             from finetune.check_data import main as check_data_main
 
             sys.exit(check_data_main(args[1:]))
+        if command == ["prepare"]:  # fit's config, the DataModule alone: its splits as LitData shards
+            from finetune.prepare import main as prepare_main
+
+            sys.exit(prepare_main(args[1:]))
         from finetune.cli import run
 
         run(args)
