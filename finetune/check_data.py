@@ -1,4 +1,5 @@
-"""`finetune check-data --config CONFIG [--data.* ...] [--json PATH]`: the data a fit would use, checked.
+"""`finetune check-data --config CONFIG [--data.* ...] [--json PATH] [--refresh_cache true]`: the data a
+fit would use, checked.
 
 It takes `finetune fit`'s config and flags, but builds the DataModule alone: no model, no
 Trainer, no weights to fetch. Every file is read the way training reads it and hashed, so the
@@ -8,6 +9,10 @@ too small for the model, the images per class, and whether far-from-square image
 of the table). The exit status is 1 when the data cannot be trained on at all (no images, one
 class, a class with no readable image, ...), else 0: files that training would skip are
 reported, not fatal.
+
+What each file's screening found is kept in the screening cache (finetune.data.screening_cache),
+which training then reads: a file is opened again only when it changed. `--refresh_cache true`
+opens every file again and rewrites the cache.
 """
 
 from __future__ import annotations
@@ -28,35 +33,39 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 40  # per table; the JSON has everything
 
 
-def _add_json(parser) -> None:
+def _add_arguments(parser) -> None:
     parser.add_argument("--json", type=str | None, default=None,
                         help="check-data: write the report as JSON to this file ('-': to stdout, no table)")
+    parser.add_argument("--refresh_cache", type=bool, default=False,
+                        help="check-data: open every file again and rewrite the screening cache")
 
 
 def _parse(args: list[str] | None):
     """The `data` section (class and arguments), the model's smallest input side (its contract's
-    `min_input_size`: a segmentation network's output stride) and --json, parsed as
-    `finetune fit` parses them (same parser, same one-line errors), nothing instantiated."""
+    `min_input_size`: a segmentation network's output stride), --json and --refresh_cache,
+    parsed as `finetune fit` parses them (same parser, same one-line errors), nothing instantiated."""
     from finetune.cli import create_cli  # Lightning: imported only when the command runs
 
-    cli = create_cli(args, run=False, instantiate=False, extra_arguments=_add_json)
+    cli = create_cli(args, run=False, instantiate=False, extra_arguments=_add_arguments)
     data, model = cli.config.data, cli.config.model
     min_side = contract_of(model.class_path).min_input_size(dict(model.init_args.as_dict()))
-    return import_class(data.class_path), dict(data.init_args.as_dict()), min_side, cli.config.json
+    return (import_class(data.class_path), dict(data.init_args.as_dict()), min_side, cli.config.json,
+            cli.config.refresh_cache)
 
 
-def build(cls, kwargs: dict, min_side: int | None = None) -> DataReport:
+def build(cls, kwargs: dict, min_side: int | None = None, refresh_cache: bool = False) -> DataReport:
     """The full report on the data `cls(**kwargs)` reads; a fatal problem is a report with `fatal` set.
 
     `min_side`: count the images smaller than this (the model's smallest input, e.g. a
     segmentation network's output stride, which the DataModule does not know); None: the
-    DataModule's own smallest side."""
+    DataModule's own smallest side. `refresh_cache`: screen every file again, whatever the
+    screening cache holds, and rewrite it."""
     kwargs = {**kwargs, "on_bad_image": "skip"}  # report every bad file, don't stop at the first
     quiet = logging.getLogger("finetune.data")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the report says it all, once
     try:
-        with screening("full", min_side=min_side):
+        with screening("full", min_side=min_side, refresh_cache=refresh_cache):
             dm = cls(**kwargs)
     except (ValueError, FileNotFoundError) as error:
         return DataReport(str(kwargs.get("root")), cls.__name__, fatal=[str(error)])
@@ -165,8 +174,8 @@ def render(report: DataReport, console: Console) -> None:
 
 def main(args: list[str] | None = None) -> int:
     """`args` as after `finetune check-data`; None: sys.argv[1:]."""
-    cls, kwargs, stride, json_path = _parse(args)
-    report = build(cls, kwargs, stride)
+    cls, kwargs, stride, json_path, refresh_cache = _parse(args)
+    report = build(cls, kwargs, stride, refresh_cache)
     text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
     if json_path == "-":
         print(text)

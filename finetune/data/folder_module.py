@@ -15,7 +15,8 @@ from finetune.data.loader import DataLoaderWorkers, data_loader
 from finetune.data.normalize import NormalizeOnDevice
 from finetune.data.report import DataReport, log_report
 from finetune.data.resume import ResumePosition
-from finetune.data.screening import Screening
+from finetune.data.screening import Screening, requested
+from finetune.data.screening_cache import config_key, outcome_digest, shared_screening
 from finetune.data.splits import Splits
 from finetune.preprocessing import Preprocessing
 
@@ -47,15 +48,28 @@ class FolderDataModule(ResumePosition, NormalizeOnDevice, SkipBadImages, DataLoa
         hp = self.hparams
         # Unusable files are found (and skipped or raised) before the split: finetune.data.screening.
         self.bad_files = BadFiles(hp.on_bad_image)
-        self.screening = Screening(self.bad_files, min_side, mask_labels)
-        self.splits = self.scan_folder(hp.root, hp.val_fraction, hp.seed)
+        # What each file's screening found comes from the cache of the source (a folder, a
+        # manifest, a dataset name), found by one process and checked by the others: the
+        # subclass's scan_folder lists and splits as always (finetune.data.screening_cache).
+        source = getattr(self, "source", None) or hp.get("root")
+        request = requested()
+        config = config_key(type(self).__module__, type(self).__qualname__, sorted(dict(hp).items()), mask_labels,
+                            request.mode, request.min_side or min_side)
+        with shared_screening(source, config, refresh=request.refresh_cache) as shared:
+            self.screening = Screening(self.bad_files, min_side, mask_labels, shared)
+            # .get: a DataModule with neither (ShardDataModule: its splits were made when written)
+            self.splits = self.scan_folder(hp.get("root"), hp.get("val_fraction", 0.0), hp.seed)
+            if shared is not None:
+                shared.outcome = outcome_digest(self.splits, self.bad_files.records)
         self.report = self.data_report()
+        # The cache's lock and handles stay here: ddp_spawn pickles the DataModule into its workers.
+        self.screening.shared = None
         self.num_workers = hp.num_workers
         if getattr(hp, "sampler", "shuffle") == "balanced":
             self.train_labels()  # a DataModule without labels fails here, before a model is built
         log.info(
             "%s: %d classes, %d train / %d val / %d test images; %s, mean %s, std %s",
-            getattr(self, "source", None) or hp.root, self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
+            getattr(self, "source", None) or hp.get("root"), self.num_classes, len(self.splits.train), len(self.splits.val), len(self.splits.test),
             self.input_summary(), self.mean, self.std,
         )
         log_report(self.report)

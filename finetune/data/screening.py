@@ -5,7 +5,9 @@ in a split, and a class left with no readable image fails at once, before the mo
 - for a small set (headers adding up to at most SETUP_DECODE_PIXELS), every pixel too, the way
   training reads it (masks with their labels), and a content hash for duplicates.
 
-`finetune check-data` does the second for any size (`screening("full")`).
+`finetune check-data` does the second for any size (`screening("full")`). What a file's
+screening found is kept on disk and shared (finetune.data.screening_cache): a file is opened
+again only when it changed, and only by one process of a run.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.data.bad_images import BadFiles, Problem
 from finetune.data.inspection import FileFacts, decode, inspect_header
 from finetune.data.segmentation_folder import MASK_MODES, mask_mode_problem
+
+if TYPE_CHECKING:
+    from finetune.data.screening_cache import SharedScreening
 
 # 1000 images of 224 px: decoding all of them costs about a second; above, headers only.
 SETUP_DECODE_PIXELS = 50_000_000
@@ -26,25 +32,32 @@ MAX_EXAMPLES = 1000  # small images kept by path; the count goes on
 
 
 @dataclass(frozen=True)
-class _Asked:
+class ScreeningRequest:
     mode: str = "auto"  # "full", "headers", or "auto": by the size of the set
     min_side: int | None = None
+    refresh_cache: bool = False  # screen every file again, whatever the cache holds
 
 
-_ASKED: ContextVar[_Asked] = ContextVar("screening", default=_Asked())
+_ASKED: ContextVar[ScreeningRequest] = ContextVar("screening", default=ScreeningRequest())
 
 
 @contextmanager
-def screening(mode: str, min_side: int | None = None):
+def screening(mode: str, min_side: int | None = None, refresh_cache: bool = False):
     """Screen DataModules built inside with `full` (every pixel) or `headers` only, not by size.
 
     `min_side`: report the images smaller than this instead of the DataModule's own smallest
-    side (check-data: a segmentation network's output stride, which the DataModule does not know)."""
-    token = _ASKED.set(_Asked(mode, min_side))
+    side (check-data: a segmentation network's output stride, which the DataModule does not know).
+    `refresh_cache`: open every file again and rewrite the screening cache."""
+    token = _ASKED.set(ScreeningRequest(mode, min_side, refresh_cache))
     try:
         yield
     finally:
         _ASKED.reset(token)
+
+
+def requested() -> ScreeningRequest:
+    """What the innermost `screening(...)` asks (defaults outside any)."""
+    return _ASKED.get()
 
 
 class Screening:
@@ -52,11 +65,14 @@ class Screening:
 
     `min_side`: images smaller than this are reported (the input size; for segmentation the
     network's output stride), unless `screening(..., min_side=)` asks for another.
-    `mask_labels`: (num_classes, ignore_index) of a segmentation set.
+    `mask_labels`: (num_classes, ignore_index) of a segmentation set. `shared`: the screening
+    cache of the data (finetune.data.screening_cache), None to open every file here.
     """
 
-    def __init__(self, bad_files: BadFiles, min_side: int, mask_labels: tuple[int, int] | None = None):
+    def __init__(self, bad_files: BadFiles, min_side: int, mask_labels: tuple[int, int] | None = None,
+                 shared: SharedScreening | None = None):
         self.bad_files = bad_files
+        self.shared = shared
         self.min_side = _ASKED.get().min_side or min_side
         self.mask_labels = mask_labels
         self.full = False
@@ -78,10 +94,19 @@ class Screening:
         else:
             self.full = mode == "full"
 
+    def _headers(self, paths: list[str]) -> list[FileFacts]:
+        if self.shared is None:
+            return [inspect_header(p) for p in paths]
+        return self.shared.headers(paths, inspect_header)
+
     def _note(self, facts: FileFacts, mask: bool = False) -> None:
         if self.full:
             if facts.problem is None:
-                decode(facts, self.mask_labels if mask else None)
+                labels = self.mask_labels if mask else None
+                if self.shared is None:
+                    decode(facts, labels)
+                else:
+                    self.shared.decode(facts, labels, decode)
             self.facts[facts.path] = facts
         if facts.problem is None and not mask and min(facts.height, facts.width) < self.min_side:
             self.small_count += 1
@@ -91,7 +116,7 @@ class Screening:
     def keep(self, paths: list[str]) -> set[str]:
         """The paths that can be used; the others are skipped (or raised) by the policy."""
         start = time.perf_counter()
-        headers = [inspect_header(p) for p in paths]
+        headers = self._headers(paths)
         self._decide(headers)
         for facts in headers:
             self._note(facts)
@@ -103,7 +128,7 @@ class Screening:
     def keep_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """(image, mask) pairs whose two files can be used and agree in size; masks of class indices."""
         start = time.perf_counter()
-        headers = [(inspect_header(i), inspect_header(m)) for i, m in pairs]
+        headers = list(zip(self._headers([i for i, _ in pairs]), self._headers([m for _, m in pairs])))
         self._decide([i for i, _ in headers])
         kept, problems = [], []
         for image, mask in headers:
