@@ -36,7 +36,7 @@ import finetune
 from finetune.contract import import_class
 from finetune.data.bad_images import SKIP_LIST, BadFiles, Problem, reason_of
 from finetune.data.screening import screening
-from finetune.data.shard_format import dataset_id, is_url, write_labels, write_meta
+from finetune.data.shard_format import dataset_id, is_url, require_litdata, write_labels, write_meta
 from finetune.data.splits import SPLIT_NAMES
 from finetune.errors import FinetuneError
 
@@ -358,6 +358,7 @@ def main(args: list[str] | None = None) -> int:
     config = cli.config
     if not config.output:
         raise FinetuneError("--output: not set; pass --output DIR, the folder to write the shards to")
+    require_litdata("finetune prepare")
     # The flags first: the screening can take a while.
     check_output(config.output, config.overwrite)
     parse_size(config.chunk_bytes)

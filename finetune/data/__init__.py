@@ -11,15 +11,18 @@ if TYPE_CHECKING:
     from finetune.data.identity import IdentityFolderDataModule
     from finetune.data.manifest_module import ManifestDataModule
     from finetune.data.segmentation import SegmentationFolderDataModule
+    from finetune.data.shards import ShardDataModule
 
 _MODULES = {
     "ImageFolderDataModule": "finetune.data.classification",
     "IdentityFolderDataModule": "finetune.data.identity",
     "ManifestDataModule": "finetune.data.manifest_module",
     "SegmentationFolderDataModule": "finetune.data.segmentation",
+    "ShardDataModule": "finetune.data.shards",
 }
 
-__all__ = ["IdentityFolderDataModule", "ImageFolderDataModule", "ManifestDataModule", "SegmentationFolderDataModule"]
+__all__ = ["IdentityFolderDataModule", "ImageFolderDataModule", "ManifestDataModule", "SegmentationFolderDataModule",
+           "ShardDataModule"]
 
 
 def __getattr__(name: str):

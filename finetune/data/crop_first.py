@@ -84,7 +84,10 @@ class CropFirst:
     def read(self, path: str | Path, shrink: Shrink | None = None) -> np.ndarray:
         """The RandomResizedCrop output for the file at `path` (HxWx3 uint8, the crop size)."""
         with open(path, "rb") as file:
-            data = file.read()
+            return self.read_bytes(path, file.read(), shrink)
+
+    def read_bytes(self, path: str | Path, data: bytes, shrink: Shrink | None = None) -> np.ndarray:
+        """`read` of a file's bytes already in memory (a shard's sample); `path` names it in errors."""
         # Compose.__call__ draws once for its own probability before its first step.
         self.compose.py_random.random()
         header, decoder = jpeg_header(data), region_decode.decoder()

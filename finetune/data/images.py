@@ -10,6 +10,7 @@ skip most of this: finetune/data/crop_first.py decodes only the crop.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -141,7 +142,9 @@ def decode_rgb(path: str | Path, data: bytes, shrink: Shrink | None = None) -> n
     if header is not None and header.components in (1, 3):
         check_jpeg_size(path, header)
         return _decode_jpeg(path, data, decode_factor(header, shrink))
-    with Image.open(path) as image:  # by name, so that PIL's errors name the file
+    # From the bytes, not the name: they may come from a shard, not a file. Callers name the
+    # file in errors (finetune.data.bad_images.read_guarded).
+    with Image.open(io.BytesIO(data)) as image:
         image = ImageOps.exif_transpose(image)
         # np.array, not asarray: PIL's buffer is read-only, and torch.from_numpy needs to own it.
         return np.array(_to_rgb(image))

@@ -164,3 +164,14 @@ def check_local_split(location: str | os.PathLike, split: str) -> None:
         if size != chunk["chunk_bytes"]:
             raise FinetuneError(f"data.shards: {path} is truncated or changed ({size} bytes, its index says "
                                 f"{chunk['chunk_bytes']}); {MAKE} again")
+
+
+INSTALL_HINT = "pip install 'finetune[shards]'"
+
+
+def require_litdata(key: str) -> None:
+    """One line naming `key` when LitData (an optional extra) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("litdata") is None:
+        raise FinetuneError(f"{key}: streaming shards need the litdata package; {INSTALL_HINT}")

@@ -1,0 +1,179 @@
+"""DataModule for streaming shards that `finetune prepare` wrote (LitData's optimized chunks),
+on a local path or an object-store URL (`s3://...`, read through LitData's downloader and
+cache).
+
+LitData provides the storage: chunked files, download and a local cache, random access by
+index. The order, the sharding across processes and resume are ours, exactly as for a folder
+(finetune.data.sampling): EpochShuffleSampler draws the epoch's order from (seed, epoch),
+pads it so every rank gets as many samples (every sample at least once an epoch), hands
+(index, epoch) to the Dataset so augmentation is seeded by (seed, epoch, index), and resumes
+mid-epoch where the checkpoint left off; evaluation leaves the padding out
+(finetune.distributed). LitData's own StreamingDataLoader is not used: under DDP it drops the
+last samples of every epoch (`drop_last` is forced on), and its shuffle and resume state are
+its own, so a resumed or multi-GPU run would not see what a single uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+
+from finetune.data.bad_images import BadFile, read_guarded
+from finetune.data.classification import ImageDataset, ImageFolderDataModule
+from finetune.data.images import decode_rgb
+from finetune.data.report import DataReport, folder_report
+from finetune.data.shard_format import (
+    LABELS_FILE,
+    check_local_split,
+    read_meta,
+    read_small_file,
+    require_litdata,
+    shard_url,
+)
+from finetune.data.splits import SPLIT_NAMES, Splits
+from finetune.data.transforms import Augment, Crop
+from finetune.errors import FinetuneError
+
+
+class ShardImageDataset(ImageDataset):
+    """Items `("<split>:<index>", label)`: the sample at `index` of the split's shards, decoded
+    from its stored bytes (crop first for JPEGs, as from a file). The LitData dataset is opened
+    lazily in each worker process (it holds file handles and a download thread)."""
+
+    def __init__(self, url: str, cache_dir: str | None, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.url, self.cache_dir = url, cache_dir
+        self._streams: dict[str, object] = {}
+
+    def _stream(self, split: str):
+        if split not in self._streams:
+            from litdata import StreamingDataset
+
+            self._streams[split] = StreamingDataset(shard_url(self.url, split), cache_dir=self.cache_dir)
+        return self._streams[split]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_streams": {}}  # workers open their own
+
+    def _load(self, index: int) -> dict:
+        key, label = self.items[index]
+        split, _, position = key.partition(":")
+        try:
+            sample = self._stream(split)[int(position)]
+        except Exception as error:  # noqa: BLE001 - a chunk LitData cannot read: skipped and named, like a file
+            raise BadFile(f"{shard_url(self.url, split)}#{position}", str(error).splitlines()[0] if str(error) else
+                          type(error).__name__) from None
+        path, data = sample["path"], sample["image"]
+        if self.crop_first is not None:
+            image = self.crop_first.finish(read_guarded(self.crop_first.read_bytes, path, data, self.shrink))
+        else:
+            image = self.transform(image=read_guarded(decode_rgb, path, data, self.shrink))["image"]
+        if self.num_labels is not None:
+            label = torch.zeros(self.num_labels).index_fill_(0, torch.tensor(label, dtype=torch.long), 1.0)
+        return {"image": image, "label": label, "path": path, "index": index}
+
+
+class ShardDataModule(ImageFolderDataModule):
+    """Classification data (single- or multi-label) from `finetune prepare` shards.
+
+    `shards`: the folder (or `s3://...` URL) `finetune prepare` wrote. Classes, splits and the
+    labels come from it; files were screened when it was written (its skipped_images.csv).
+    `cache_dir`: where LitData keeps downloaded chunks of a URL (default: its own cache).
+    Augmentation and sampler options are ImageFolderDataModule's.
+    """
+
+    test_layout = "a test split when running `finetune prepare`"
+
+    def __init__(
+        self,
+        shards: str,
+        cache_dir: str | None = None,
+        backbone: str = "resnet50",
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        image_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
+        scale: tuple[float, float] = (0.25, 1.0),
+        hflip: float = 0.5,
+        predict_root: str | None = None,
+        on_bad_image: Literal["skip", "raise"] = "skip",
+        crop: Crop = "random_resized",
+        augment: Augment = "light",
+        augment_ops: int = 2,
+        augment_magnitude: int = 9,
+        random_erasing: float = 0.0,
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
+    ):
+        require_litdata("data.shards")
+        self.meta = read_meta(shards)
+        if self.meta["kind"] not in ("classification", "multilabel"):
+            raise FinetuneError(f"data.shards: {shards} holds {self.meta['kind']} data; ShardDataModule trains "
+                                "classification and multi-label shards (train segmentation and identities from their folders)")
+        self.multilabel = self.meta["kind"] == "multilabel"
+        self.source = shards
+        super().__init__(
+            shards, backbone, 0.0, seed, batch_size, num_workers, image_size, mean, std, crop_pct, interpolation, scale,
+            hflip, predict_root, on_bad_image, crop, augment, augment_ops, augment_magnitude, random_erasing, sampler,
+        )
+
+    def scan_folder(self, root: str, val_fraction: float, seed: int) -> Splits:
+        try:
+            labels = json.loads(read_small_file(self.hparams.shards, LABELS_FILE))
+        except ValueError as error:
+            raise FinetuneError(f"data.shards: {self.hparams.shards}/{LABELS_FILE} is not readable JSON ({error}); "
+                                "prepare the shards again") from None
+        split_items = {}
+        for split in SPLIT_NAMES:
+            if self.meta["splits"].get(split):
+                check_local_split(self.hparams.shards, split)
+            split_labels = labels.get(split) or []
+            if len(split_labels) != self.meta["splits"].get(split, 0):
+                raise FinetuneError(f"data.shards: {self.hparams.shards} lists {self.meta['splits'].get(split, 0)} {split} "
+                                    f"samples but {LABELS_FILE} has {len(split_labels)}; prepare the shards again")
+            cast = tuple if self.multilabel else int
+            split_items[split] = [(f"{split}:{i}", cast(label)) for i, label in enumerate(split_labels)]
+        if not split_items["train"] or not split_items["val"]:
+            raise FinetuneError(f"data.shards: {self.hparams.shards} has no train or no val split; prepare it from data "
+                                "with both (data.val_fraction > 0)")
+        return Splits(**split_items, class_names=list(self.meta["class_names"]), val_names=self.meta.get("val_names"))
+
+    def state_dict(self) -> dict:
+        # Which data the checkpoint was trained on: resuming on other shards is refused in one line.
+        return {**super().state_dict(), "dataset_id": self.meta["dataset_id"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("dataset_id")
+        if saved is not None and saved != self.meta["dataset_id"]:
+            raise FinetuneError(
+                f"data.shards: {self.hparams.shards} holds other data (dataset_id {self.meta['dataset_id'][:12]}) than the "
+                f"checkpoint was trained on ({saved[:12]}); point data.shards at those shards, or start a new run"
+            )
+        super().load_state_dict(state_dict)
+
+    def data_report(self) -> DataReport:
+        return folder_report(str(self.source), type(self).__name__, self.splits, self.screening)
+
+    def dataset(self, items: list, train: bool) -> ShardImageDataset:
+        transform, shrink = (self.train_transform(), self.train_shrink()) if train else (self.eval_transform(), self.eval_shrink())
+        num_labels = self.num_classes if self.multilabel else None
+        return ShardImageDataset(self.hparams.shards, self.hparams.cache_dir, items, transform, self.hparams.seed, shrink,
+                                 num_labels=num_labels)
+
+    def predict_dataset(self, paths: list[str]) -> ImageDataset:
+        """Prediction reads image files (`data.predict_root`), as for a folder."""
+        return ImageDataset([(path, () if self.multilabel else -1) for path in paths], self.eval_transform(), self.hparams.seed,
+                            self.eval_shrink(), num_labels=self.num_classes if self.multilabel else None)
+
+    @property
+    def label_counts(self) -> list[int]:
+        counts = [0] * self.num_classes
+        for _, labels in self.splits.train:
+            for label in labels if self.multilabel else (labels,):
+                counts[label] += 1
+        return counts
