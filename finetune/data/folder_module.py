@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.bad_images import BadFiles, SkipBadImages
-from finetune.data.folder import list_images
+from finetune.data.folder import list_image_paths
 from finetune.data.loader import DataLoaderWorkers, data_loader
 from finetune.data.normalize import NormalizeOnDevice
 from finetune.data.report import DataReport, log_report
@@ -168,7 +168,7 @@ class FolderDataModule(ResumePosition, NormalizeOnDevice, SkipBadImages, DataLoa
         folder = self.hparams.predict_root
         if folder is None or not Path(folder).expanduser().is_dir():
             raise ValueError(f"data.predict_root: {folder!r} is not a folder; pass --data.predict_root PATH")
-        paths = [str(p) for p in list_images(Path(folder).expanduser())]
+        paths = list_image_paths(Path(folder).expanduser())
         if not paths:
             raise ValueError(f"data.predict_root: no images under {folder}")
         return self._loader(self.predict_dataset(paths), shuffle=False)

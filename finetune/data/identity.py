@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from finetune.data.classification import ImageFolderDataModule
-from finetune.data.folder import Sample, class_folders, list_images
+from finetune.data.folder import Sample, class_folders, list_image_paths
 from finetune.data.splits import Splits
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def identity_samples(folder: Path, screen=None) -> tuple[list[str], list[Sample]]:
     """Identities (sub-folders) with images, and their images. With `screen` (the DataModule's
     checks) unusable files are left out, and so is an identity left without any."""
-    listed = [(identity, [str(p) for p in list_images(identity)]) for identity in class_folders(folder)]
+    listed = [(identity, list_image_paths(identity)) for identity in class_folders(folder)]
     good = screen.keep([p for _, images in listed for p in images]) if screen is not None else None
     names, samples = [], []
     for identity, images in listed:

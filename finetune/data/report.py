@@ -197,8 +197,10 @@ def log_report(report: DataReport) -> None:
         log.warning("skipped %d unusable files (%s): %s%s; `finetune check-data` shows why", len(report.skipped),
                     ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()), shown, more)
     for duplicate in report.duplicates[:3]:
-        log.warning("identical files (%s; %s): %s", "/".join(duplicate["splits"]), "/".join(duplicate["classes"]) or "-",
-                    " = ".join(os.path.relpath(p, report.root) for p in duplicate["paths"]))
+        paths = duplicate["paths"]
+        more = f" (and {len(paths) - 4} more)" if len(paths) > 4 else ""  # a log line, not the whole group
+        log.warning("identical files (%s; %s): %s%s", "/".join(duplicate["splits"]), "/".join(duplicate["classes"]) or "-",
+                    " = ".join(os.path.relpath(p, report.root) for p in paths[:4]), more)
     if len(report.duplicates) > 3:
         log.warning("%d more groups of identical files: `finetune check-data` lists them", len(report.duplicates) - 3)
     if line := crop_line(report.crop):
