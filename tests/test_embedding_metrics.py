@@ -8,8 +8,11 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import finetune.metrics.embedding as embedding_metrics
 from finetune.metrics import balanced_pairs, read_lfw_pairs, retrieval_metrics, roc_curve, verification_metrics
 from finetune.metrics.embedding import _log_once
 
@@ -197,3 +200,174 @@ def test_read_lfw_pairs_names_the_missing_entry(tmp_path):
         read_lfw_pairs(path, INDEX_OF)
     message = str(error.value)
     assert message.startswith(f"{path}:9: no embedding for ('Dee', 4)") and "\n" not in message
+
+
+# ------------------------------------------------------------------- retrieval at scale
+
+
+def previous_retrieval_metrics(embeddings, labels, ks=(1, 5), chunk_size=1024):
+    """The implementation before issue 20 (commit c8315fb), on the CPU, every query in one
+    process: the reference the chunked, sharded one must reproduce."""
+    embeddings = F.normalize(embeddings.float(), dim=1)
+    _, identity, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    num_relevant = counts[identity] - 1
+    queries = num_relevant.nonzero().squeeze(1)
+    hits = torch.zeros(len(ks), dtype=torch.float64)
+    precision_sum = torch.zeros((), dtype=torch.float64)
+    for chunk in queries.split(chunk_size):
+        depth = min(len(labels) - 1, max(max(ks), int(num_relevant[chunk].max())))
+        similarity = embeddings[chunk] @ embeddings.T
+        similarity[torch.arange(len(chunk)), chunk] = -math.inf
+        relevant = identity[similarity.topk(depth, dim=1).indices] == identity[chunk, None]
+        for n, k in enumerate(ks):
+            hits[n] += relevant[:, :k].any(1).sum()
+        rank = torch.arange(1, depth + 1)
+        counted = relevant & (rank <= num_relevant[chunk, None])
+        precision_sum += ((relevant.cumsum(1) / rank * counted).sum(1) / num_relevant[chunk]).sum()
+    metrics = {f"recall@{k}": float(hits[n]) / len(queries) for n, k in enumerate(ks)}
+    metrics["map@r"] = float(precision_sum) / len(queries)
+    return metrics
+
+
+def brute_force_retrieval(unit, labels, ks):
+    """Each query's others sorted by (similarity falling, row rising) in plain Python: the
+    ranking with ties, item by item. `unit` must be unit rows whose products are exact."""
+    similarity, labels = (unit.double() @ unit.double().T).tolist(), labels.tolist()
+    hits, average_precisions = [0] * len(ks), []
+    for q, label in enumerate(labels):
+        num_relevant = labels.count(label) - 1
+        if num_relevant == 0:
+            continue
+        ranked = sorted((j for j in range(len(labels)) if j != q), key=lambda j: (-similarity[q][j], j))
+        relevant = [labels[j] == label for j in ranked]
+        hits = [h + any(relevant[:k]) for h, k in zip(hits, ks)]
+        precision_at = [sum(relevant[:i]) / i for i in range(1, num_relevant + 1)]
+        average_precisions.append(sum(p for p, r in zip(precision_at, relevant) if r) / num_relevant)
+    metrics = {f"recall@{k}": h / len(average_precisions) for h, k in zip(hits, ks)}
+    return {**metrics, "map@r": sum(average_precisions) / len(average_precisions)}
+
+
+def clustered(num_items, dim, seed, duplicates=0):
+    """Random embeddings around per-label centres; labels of 1 to 12 items (singletons too),
+    shuffled; the first `duplicates` rows copied over rows of the same label (exact ties)."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 13, (num_items,), generator=generator)
+    labels = torch.repeat_interleave(torch.arange(num_items), sizes)[:num_items]
+    labels = labels[torch.randperm(num_items, generator=generator)]
+    centres = torch.randn(int(labels.max()) + 1, dim, generator=generator)
+    embeddings = centres[labels] + 1.2 * torch.randn(num_items, dim, generator=generator)
+    for row in range(duplicates):
+        twins = (labels == labels[row]).nonzero().squeeze(1)
+        embeddings[twins[-1]] = embeddings[row]
+    return embeddings, labels
+
+
+def exact_tie_embeddings(num_items, seed):
+    """Unit rows drawn from 24 vectors (+-e_i and the 16 sign patterns of 1/2 in 4-D) whose
+    products are exact multiples of 1/2. 40 labels share them: each label's items take its
+    vector 2 times in 3, a random one otherwise, so exact ties between labels decide hits."""
+    generator = torch.Generator().manual_seed(seed)
+    axes = torch.cat([torch.eye(4), -torch.eye(4)])
+    signs = torch.tensor([[(1 if n >> b & 1 else -1) * 0.5 for b in range(4)] for n in range(16)])
+    vectors = torch.cat([axes, signs])
+    labels = torch.randint(40, (num_items,), generator=generator)
+    own_vector = torch.randint(len(vectors), (40,), generator=generator)[labels]
+    other_vector = torch.randint(len(vectors), (num_items,), generator=generator)
+    keep_own = torch.rand(num_items, generator=generator) < 2 / 3
+    return vectors[torch.where(keep_own, own_vector, other_vector)], labels
+
+
+def test_retrieval_matches_the_previous_implementation():
+    # 301 items (a prime: no chunk size divides it), labels of 1-12 items, 40 exact duplicate
+    # pairs within labels (ties whose order cannot change a metric, so the old topk agrees).
+    embeddings, labels = clustered(301, 16, seed=3, duplicates=40)
+    ks = (1, 2, 5, 10)
+    expected = previous_retrieval_metrics(embeddings, labels, ks)
+    assert 0.2 < expected["recall@1"] < 0.9 and 0.05 < expected["map@r"] < 0.8  # neither trivial nor chance
+    for chunk_size in (None, 1, 7, 64, 1000):
+        metrics = retrieval_metrics(embeddings, labels, ks, chunk_size=chunk_size)
+        assert metrics.keys() == expected.keys()
+        for name, value in expected.items():
+            assert abs(metrics[name] - value) < 1e-6, (chunk_size, name, metrics[name], value)
+
+
+def test_equal_similarities_rank_by_row():
+    # x0 A (1, 0); x1 B and x2 A both (.6, .8); x3 B (0, 1). Cosines: x0.x1 = x0.x2 = .6,
+    # x3.x1 = x3.x2 = .8, x1.x2 = 1, x0.x3 = 0. Equal similarities rank the lower row first:
+    # query  R  ranked others                    first hit  AP@R
+    # x0 A   1  x1 B(.6) x2 A(.6) x3 B(0)         2          0
+    # x1 B   1  x2 A(1) x3 B(.8) x0 A(.6)         2          0
+    # x2 A   1  x1 B(1) x3 B(.8) x0 A(.6)         3          0
+    # x3 B   1  x1 B(.8) x2 A(.8) x0 A(0)         1          1
+    # (x2 before x1 would make x0 hit first and x3 miss.) depth 1 (ks=(1,)) cuts through the
+    # tie of x0 and x3; depth 3 does not: both give one answer, in any chunking.
+    embeddings = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    for chunk_size in (1, 3, None):
+        assert retrieval_metrics(embeddings, labels, ks=(1,), chunk_size=chunk_size) == {"recall@1": 0.25, "map@r": 0.25}
+        metrics = retrieval_metrics(embeddings, labels, ks=(1, 2, 3), chunk_size=chunk_size)
+        assert metrics == {"recall@1": 0.25, "recall@2": 0.75, "recall@3": 1.0, "map@r": 0.25}
+
+
+def test_retrieval_with_many_exact_ties_matches_brute_force():
+    embeddings, labels = exact_tie_embeddings(240, seed=0)
+    ks = (1, 3, 10)
+    expected = brute_force_retrieval(embeddings, labels, ks)
+    assert 0.1 < expected["recall@1"] < 0.9  # ties decide real hits and misses
+    for chunk_size in (None, 1, 7):
+        metrics = retrieval_metrics(embeddings, labels, ks, chunk_size=chunk_size)
+        assert metrics == pytest.approx(expected, abs=1e-12), chunk_size
+
+
+def record_queries(monkeypatch) -> list[torch.Tensor]:
+    """The query rows of each chunk ranked, as they are ranked."""
+    chunks, rank = [], embedding_metrics._ranked_relevance
+
+    def recording(embeddings, identity, queries, depth):
+        chunks.append(queries.clone())
+        return rank(embeddings, identity, queries, depth)
+
+    monkeypatch.setattr(embedding_metrics, "_ranked_relevance", recording)
+    return chunks
+
+
+def test_chunks_keep_the_similarity_block_bounded(monkeypatch):
+    embeddings, labels = clustered(301, 16, seed=4)
+    expected = retrieval_metrics(embeddings, labels)
+    monkeypatch.setattr(embedding_metrics, "_SIMILARITY_BLOCK", 1000)  # 3 queries x 301 items a chunk
+    chunks = record_queries(monkeypatch)
+    assert retrieval_metrics(embeddings, labels) == pytest.approx(expected, abs=1e-12)
+    assert max(len(chunk) for chunk in chunks) * len(labels) <= 1000
+    assert len(chunks[-1]) < 3  # the queries do not divide by 3: the last chunk is short
+    queries = torch.cat(chunks)
+    assert sorted(queries.tolist()) == [i for i, label in enumerate(labels) if (labels == label).sum() > 1]
+
+
+def rank_a_share(rank: int, folder: str) -> None:
+    """One of 2 gloo processes: retrieval_metrics(distributed=True) on the same embeddings as
+    the other, recording the queries this process ranked."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:
+        monkeypatch = pytest.MonkeyPatch()
+        chunks = record_queries(monkeypatch)
+        embeddings, labels = exact_tie_embeddings(240, seed=1)
+        metrics = retrieval_metrics(embeddings, labels, ks=(1, 3, 10), chunk_size=16, distributed=True)
+        torch.save({"metrics": metrics, "queries": torch.cat(chunks)}, f"{folder}/rank{rank}.pt")
+        monkeypatch.undo()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_share_the_queries_and_agree_with_one(tmp_path):
+    mp.spawn(rank_a_share, args=(str(tmp_path),), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    embeddings, labels = exact_tie_embeddings(240, seed=1)
+    alone = retrieval_metrics(embeddings, labels, ks=(1, 3, 10), distributed=True)  # not initialised: all here
+    assert alone == pytest.approx(brute_force_retrieval(embeddings, labels, (1, 3, 10)), abs=1e-12)
+    for share in ranks:
+        assert share["metrics"] == pytest.approx(alone, abs=1e-12)
+    first, second = (set(share["queries"].tolist()) for share in ranks)
+    queries = {i for i, label in enumerate(labels) if (labels == label).sum() > 1}
+    assert not first & second and first | second == queries  # each query ranked once, by one process
+    assert abs(len(first) - len(second)) <= 1

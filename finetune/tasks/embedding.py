@@ -110,16 +110,18 @@ class EmbeddingTask(FinetuneTask):
         position = torch.full((int(indices.max()) + 1,), -1, dtype=torch.long, device=indices.device)
         position[indices] = torch.arange(len(indices), device=indices.device)
         present = torch.nonzero(position >= 0).squeeze(1)
-        embeddings, labels = embeddings[position[present]].float().cpu(), labels[position[present]].cpu()
+        embeddings, labels = embeddings[position[present]].float(), labels[position[present]]
+        # O(N^2 D): on the embeddings' device, each rank ranking its share of the queries.
+        metrics = retrieval_metrics(embeddings, labels, distributed=True)
+        embeddings, labels = embeddings.cpu(), labels.cpu()
         row_of = torch.full((len(position),), -1, dtype=torch.long)
         row_of[present.cpu()] = torch.arange(len(present))
-        metrics = retrieval_metrics(embeddings, labels)
         first, second, same, folds = self._pairs(labels, row_of)
         scores = (embeddings[first] * embeddings[second]).sum(dim=1)
         metrics.update(verification_metrics(scores, same, folds))
         self.roc = roc_curve(scores, same)
         self.val_embeddings, self.val_labels = embeddings, labels
-        # Every rank computed the same numbers from the same gathered tensors.
+        # Every rank holds the same numbers: retrieval all-reduced, verification from the same gathered tensors.
         self.log_dict({f"val/{name}": value for name, value in metrics.items()})
 
     def _pairs(self, labels: torch.Tensor, row_of: torch.Tensor):
