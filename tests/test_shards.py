@@ -120,3 +120,23 @@ def test_multi_label_manifest_shards_give_the_manifest_batches(tmp_path):
     for a, b in zip(manifest.train_dataloader(), sharded.train_dataloader()):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
         assert a["label"].dim() == 2
+
+
+def test_jpeg_shards_decode_only_the_crop_as_the_folder_does(tmp_path):
+    """JPEGs take the crop-first path (libturbojpeg decodes the crop from the stored bytes)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("val", 4)):
+        for name in ("cat", "dog"):
+            (tmp_path / "photos" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "photos" / split / name / f"{i}.jpg", quality=90)
+    folder = ImageFolderDataModule(str(tmp_path / "photos"), **DATA)
+    write_shards(folder, tmp_path / "shards", num_workers=1, echo=lambda _: None)
+    sharded = ShardDataModule(str(tmp_path / "shards"), **DATA)
+    assert sharded.dataset(sharded.splits.train, train=True).crop_first is not None
+    for a, b in zip(folder.train_dataloader(), sharded.train_dataloader()):
+        assert torch.equal(a["image"], b["image"]) and not b["skipped"][0]

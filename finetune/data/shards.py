@@ -68,7 +68,8 @@ class ShardImageDataset(ImageDataset):
         except Exception as error:  # noqa: BLE001 - a chunk LitData cannot read: skipped and named, like a file
             raise BadFile(f"{shard_url(self.url, split)}#{position}", str(error).splitlines()[0] if str(error) else
                           type(error).__name__) from None
-        path, data = sample["path"], sample["image"]
+        # bytes: LitData may hand a memoryview, which libturbojpeg's ctypes call refuses.
+        path, data = sample["path"], bytes(sample["image"])
         if self.crop_first is not None:
             image = self.crop_first.finish(read_guarded(self.crop_first.read_bytes, path, data, self.shrink))
         else:
