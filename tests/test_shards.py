@@ -140,3 +140,23 @@ def test_jpeg_shards_decode_only_the_crop_as_the_folder_does(tmp_path):
     assert sharded.dataset(sharded.splits.train, train=True).crop_first is not None
     for a, b in zip(folder.train_dataloader(), sharded.train_dataloader()):
         assert torch.equal(a["image"], b["image"]) and not b["skipped"][0]
+
+
+def test_segmentation_shards_give_the_folder_batches_and_train(shapes_folder, tmp_path):
+    from finetune.data import SegmentationFolderDataModule, ShardSegmentationDataModule
+    from finetune.tasks import SegmentationTask
+
+    settings = dict(backbone="resnet18", crop_size=32, batch_size=4, num_workers=0)
+    folder = SegmentationFolderDataModule(str(shapes_folder), **settings)
+    write_shards(folder, tmp_path / "shards", num_workers=1, echo=lambda _: None)
+    sharded = ShardSegmentationDataModule(str(tmp_path / "shards"), **settings)
+    assert sharded.class_names == folder.class_names
+    for make in ("train_dataloader", "val_dataloader"):
+        for a, b in zip(getattr(folder, make)(), getattr(sharded, make)()):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    task = SegmentationTask(3, "resnet18", pretrained=False, class_names=sharded.class_names, aspp_channels=16)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(task, sharded)
+    assert trainer.global_step == 2 and "val/miou" in trainer.callback_metrics
+    with pytest.raises(FinetuneError, match="use finetune.data.ShardSegmentationDataModule"):
+        ShardDataModule(str(tmp_path / "shards"), **DATA)

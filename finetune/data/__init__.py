@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from finetune.data.identity import IdentityFolderDataModule
     from finetune.data.manifest_module import ManifestDataModule
     from finetune.data.segmentation import SegmentationFolderDataModule
-    from finetune.data.shards import ShardDataModule
+    from finetune.data.shards import ShardDataModule, ShardSegmentationDataModule
 
 _MODULES = {
     "ImageFolderDataModule": "finetune.data.classification",
@@ -19,10 +19,11 @@ _MODULES = {
     "ManifestDataModule": "finetune.data.manifest_module",
     "SegmentationFolderDataModule": "finetune.data.segmentation",
     "ShardDataModule": "finetune.data.shards",
+    "ShardSegmentationDataModule": "finetune.data.shards",
 }
 
 __all__ = ["IdentityFolderDataModule", "ImageFolderDataModule", "ManifestDataModule", "SegmentationFolderDataModule",
-           "ShardDataModule"]
+           "ShardDataModule", "ShardSegmentationDataModule"]
 
 
 def __getattr__(name: str):

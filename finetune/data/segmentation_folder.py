@@ -51,7 +51,12 @@ def _mask_mode_error(path: str | Path, mode: str) -> str:
 
 def read_mask(path: str | Path, num_classes: int, ignore_index: int) -> np.ndarray:
     """HxW uint8 class indices; a palette PNG gives its indices, not its colours."""
-    with Image.open(path) as image:
+    return decode_mask(path, path, num_classes, ignore_index)
+
+
+def decode_mask(path: str | Path, source, num_classes: int, ignore_index: int) -> np.ndarray:
+    """`read_mask` of `source`, a file or its bytes in a file-like object (a shard's); `path` names it."""
+    with Image.open(source) as image:
         if image.mode not in MASK_MODES:
             raise ValueError(_mask_mode_error(path, image.mode))
         image = ImageOps.exif_transpose(image)  # the same turn read_rgb gives the image

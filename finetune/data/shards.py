@@ -1,4 +1,4 @@
-"""DataModule for streaming shards that `finetune prepare` wrote (LitData's optimized chunks),
+"""DataModules for streaming shards that `finetune prepare` wrote (LitData's optimized chunks),
 on a local path or an object-store URL (`s3://...`, read through LitData's downloader and
 cache).
 
@@ -15,6 +15,7 @@ its own, so a resumed or multi-GPU run would not see what a single uninterrupted
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Literal
 
@@ -23,7 +24,10 @@ import torch
 from finetune.data.bad_images import BadFile, read_guarded
 from finetune.data.classification import ImageDataset, ImageFolderDataModule
 from finetune.data.images import decode_rgb
-from finetune.data.report import DataReport, folder_report
+from finetune.data.report import DataReport, folder_report, segmentation_report
+from finetune.data.segmentation import SMALLEST_SIDE, SegmentationDataset, SegmentationFolderDataModule
+from finetune.data.segmentation_classes import default_palette
+from finetune.data.segmentation_folder import decode_mask
 from finetune.data.shard_format import (
     LABELS_FILE,
     check_local_split,
@@ -35,6 +39,50 @@ from finetune.data.shard_format import (
 from finetune.data.splits import SPLIT_NAMES, Splits
 from finetune.data.transforms import Augment, Crop
 from finetune.errors import FinetuneError
+from finetune.preprocessing import Preprocessing
+
+
+class ShardReader:
+    """The LitData datasets of a shard folder's splits, opened lazily in each process that reads
+    (they hold file handles and a download thread, so a pickled copy starts without them)."""
+
+    def __init__(self, url: str, cache_dir: str | None):
+        self.url, self.cache_dir = url, cache_dir
+        self._streams: dict[str, object] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_streams": {}}
+
+    def sample(self, key: str) -> dict:
+        """The sample `key` ("<split>:<index>") names; a read that fails is a BadFile naming it."""
+        split, _, position = key.partition(":")
+        try:
+            if split not in self._streams:
+                from litdata import StreamingDataset
+
+                # batch_decode=0: one item per read. LitData's default decodes a window of items
+                # around each one, which a shuffled order throws away: 442 us an item against
+                # 14 us here (random order, 16-px PNGs, this machine).
+                self._streams[split] = StreamingDataset(shard_url(self.url, split), cache_dir=self.cache_dir,
+                                                        batch_decode=0)
+            return self._streams[split][int(position)]
+        except Exception as error:  # noqa: BLE001 - a chunk LitData cannot read: skipped and named, like a file
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise BadFile(f"{shard_url(self.url, split)}#{position}", reason) from None
+
+
+def dataset_state(state: dict, meta: dict) -> dict:
+    # Which data the checkpoint was trained on: resuming on other shards is refused in one line.
+    return {**state, "dataset_id": meta["dataset_id"]}
+
+
+def check_dataset_state(state: dict, meta: dict, shards: str) -> None:
+    saved = state.get("dataset_id")
+    if saved is not None and saved != meta["dataset_id"]:
+        raise FinetuneError(
+            f"data.shards: {shards} holds other data (dataset_id {meta['dataset_id'][:12]}) than the checkpoint was "
+            f"trained on ({saved[:12]}); point data.shards at those shards, or start a new run"
+        )
 
 
 class ShardImageDataset(ImageDataset):
@@ -44,30 +92,11 @@ class ShardImageDataset(ImageDataset):
 
     def __init__(self, url: str, cache_dir: str | None, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.url, self.cache_dir = url, cache_dir
-        self._streams: dict[str, object] = {}
-
-    def _stream(self, split: str):
-        if split not in self._streams:
-            from litdata import StreamingDataset
-
-            # batch_decode=0: one item per read. LitData's default decodes a window of items around
-            # each one, which a shuffled order throws away: 442 us an item against 14 us here
-            # (random order, 16-px PNGs, this machine).
-            self._streams[split] = StreamingDataset(shard_url(self.url, split), cache_dir=self.cache_dir, batch_decode=0)
-        return self._streams[split]
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_streams": {}}  # workers open their own
+        self.streams = ShardReader(url, cache_dir)
 
     def _load(self, index: int) -> dict:
         key, label = self.items[index]
-        split, _, position = key.partition(":")
-        try:
-            sample = self._stream(split)[int(position)]
-        except Exception as error:  # noqa: BLE001 - a chunk LitData cannot read: skipped and named, like a file
-            raise BadFile(f"{shard_url(self.url, split)}#{position}", str(error).splitlines()[0] if str(error) else
-                          type(error).__name__) from None
+        sample = self.streams.sample(key)
         # bytes: LitData may hand a memoryview, which libturbojpeg's ctypes call refuses.
         path, data = sample["path"], bytes(sample["image"])
         if self.crop_first is not None:
@@ -117,8 +146,9 @@ class ShardDataModule(ImageFolderDataModule):
         require_litdata("data.shards")
         self.meta = read_meta(shards)
         if self.meta["kind"] not in ("classification", "multilabel"):
-            raise FinetuneError(f"data.shards: {shards} holds {self.meta['kind']} data; ShardDataModule trains "
-                                "classification and multi-label shards (train segmentation and identities from their folders)")
+            fix = ("use finetune.data.ShardSegmentationDataModule" if self.meta["kind"] == "segmentation" else
+                   "train identities from their folder")
+            raise FinetuneError(f"data.shards: {shards} holds {self.meta['kind']} data; {fix}")
         self.multilabel = self.meta["kind"] == "multilabel"
         self.source = shards
         super().__init__(
@@ -148,16 +178,10 @@ class ShardDataModule(ImageFolderDataModule):
         return Splits(**split_items, class_names=list(self.meta["class_names"]), val_names=self.meta.get("val_names"))
 
     def state_dict(self) -> dict:
-        # Which data the checkpoint was trained on: resuming on other shards is refused in one line.
-        return {**super().state_dict(), "dataset_id": self.meta["dataset_id"]}
+        return dataset_state(super().state_dict(), self.meta)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("dataset_id")
-        if saved is not None and saved != self.meta["dataset_id"]:
-            raise FinetuneError(
-                f"data.shards: {self.hparams.shards} holds other data (dataset_id {self.meta['dataset_id'][:12]}) than the "
-                f"checkpoint was trained on ({saved[:12]}); point data.shards at those shards, or start a new run"
-            )
+        check_dataset_state(state_dict, self.meta, self.hparams.shards)
         super().load_state_dict(state_dict)
 
     def data_report(self) -> DataReport:
@@ -181,3 +205,89 @@ class ShardDataModule(ImageFolderDataModule):
             for label in labels if self.multilabel else (labels,):
                 counts[label] += 1
         return counts
+
+
+class ShardSegmentationDataset(SegmentationDataset):
+    """Items `("<split>:<index>", "<split>:<index>")`: a shard sample's image and mask bytes,
+    decoded and augmented as SegmentationDataset does files."""
+
+    def __init__(self, url: str, cache_dir: str | None, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.streams = ShardReader(url, cache_dir)
+
+    def _load(self, index: int) -> dict:
+        sample = self.streams.sample(self.items[index][0])
+        path, image, mask = sample["path"], bytes(sample["image"]), bytes(sample["mask"])
+        mask = read_guarded(decode_mask, path, io.BytesIO(mask), self.num_classes, self.ignore_index)
+        out = self.transform(image=read_guarded(decode_rgb, path, image), mask=mask)
+        return {"image": out["image"], "mask": out["mask"], "path": path}
+
+
+class ShardSegmentationDataModule(SegmentationFolderDataModule):
+    """Segmentation (image, mask) pairs from `finetune prepare` shards (`shards`: a folder or
+    `s3://...` URL; `cache_dir`: LitData's download cache). Classes come from the shards; the
+    colours are the default palette. Other options are SegmentationFolderDataModule's."""
+
+    test_layout = "a test split when running `finetune prepare`"
+
+    def __init__(
+        self,
+        shards: str,
+        cache_dir: str | None = None,
+        backbone: str = "resnet50",
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int | None = None,
+        crop_size: int = 512,
+        scale: tuple[float, float] = (0.5, 2.0),
+        hflip: float = 0.5,
+        color_jitter: float = 0.2,
+        ignore_index: int = 255,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        pad_multiple: int = 32,
+        predict_root: str | None = None,
+        on_bad_image: Literal["skip", "raise"] = "skip",
+    ):
+        require_litdata("data.shards")
+        self.meta = read_meta(shards)
+        if self.meta["kind"] != "segmentation":
+            raise FinetuneError(f"data.shards: {shards} holds {self.meta['kind']} data; use finetune.data.ShardDataModule")
+        # Past SegmentationFolderDataModule's __init__ (it reads a folder or a manifest). Through
+        # super(), not FolderDataModule.__init__(self): Lightning finds the arguments to save in the
+        # frames of __init__s that use super().
+        super(SegmentationFolderDataModule, self).__init__()
+        self.save_hyperparameters()
+        self.source = shards
+        self._class_names = list(self.meta["class_names"])
+        self._class_colors = default_palette(len(self._class_names))
+        self._check_settings()
+        self.preprocessing = Preprocessing.resolve(backbone, mean=mean, std=std, full_resolution=True)
+        self._read_folder(min_side=SMALLEST_SIDE, mask_labels=(self.num_classes, ignore_index))
+
+    def scan_folder(self, root, val_fraction: float, seed: int) -> Splits:
+        split_items = {}
+        for split in SPLIT_NAMES:
+            count = self.meta["splits"].get(split, 0)
+            if count:
+                check_local_split(self.hparams.shards, split)
+            split_items[split] = [(f"{split}:{i}", f"{split}:{i}") for i in range(count)]
+        if not split_items["train"] or not split_items["val"]:
+            raise FinetuneError(f"data.shards: {self.hparams.shards} has no train or no val split; prepare it from data "
+                                "with both")
+        return Splits(**split_items)
+
+    def state_dict(self) -> dict:
+        return dataset_state(super().state_dict(), self.meta)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_dataset_state(state_dict, self.meta, self.hparams.shards)
+        super().load_state_dict(state_dict)
+
+    def data_report(self) -> DataReport:
+        return segmentation_report(self.source, type(self).__name__, self.splits, self.class_names, self.screening)
+
+    def dataset(self, items: list, train: bool) -> ShardSegmentationDataset:
+        transform = self.train_transform() if train else self.eval_transform()
+        return ShardSegmentationDataset(self.hparams.shards, self.hparams.cache_dir, items, transform, self.num_classes,
+                                        self.ignore_index, self.hparams.seed)
