@@ -12,7 +12,7 @@ from the start of the command to its first training step:
 - cached: the same command again: the screening read from the cache.
 
 "per file" is (cold - cached) / N: what listing and screening cost a file. Then, on the first
-size and on 2000 photo-like 500x375 JPEGs, it writes the folder as shards (`finetune prepare`)
+(smallest) size and on 2000 photo-like 500x375 JPEGs, it writes the folder as shards (`finetune prepare`)
 and pushes two epochs of the training DataLoader (crop, flip, uint8 batches; no model) through
 the folder pipeline and the shard pipeline with the same workers, and prints the second
 epoch's images/s (the workers persist, as in training) and their ratio (best of 2, interleaved).
@@ -123,7 +123,8 @@ def main() -> None:
     print("\n| training loader (crop, flip, uint8; no model) | folder img/s | shards img/s | ratio |")
     print("|---|---:|---:|---:|")
     photos = write_photos(args.data / "photos", args.photos)
-    for name, folder, size in ((f"{sizes[0]:,} 16-px PNGs @32", args.data / f"{sizes[0]}", 32),
+    smallest = min(sizes)
+    for name, folder, size in ((f"{smallest:,} 16-px PNGs @32", args.data / f"{smallest}", 32),
                                (f"{args.photos:,} 500x375 JPEGs @224", photos, 224)):
         shards = folder.with_name(folder.name + "-shards")
         settings = dict(backbone="resnet18", image_size=size, batch_size=64, num_workers=args.workers)
