@@ -27,27 +27,45 @@ def list_image_paths(folder: str | Path) -> list[str]:
     Linked folders are followed (once: a link back up does not loop), hidden folders are not.
     A broken link with an image name is listed, so that the checks report it.
 
-    Strings, not Paths: at 100k files building and sorting Path objects took 2.7 of a 4.7 s
-    DataModule build. Sorted by path components, as Paths sort, so the order (and the
-    splits drawn from it) is the one Paths gave.
+    Strings, not Paths, and in the order Paths sort in (by path components, so the splits drawn
+    from it are the ones Paths gave): each folder's entries sorted by name, a sub-folder's
+    files where its name falls. At 1M files, building and sorting Path objects took 6 of 18 s.
     """
-    files, seen = [], set()
-    for directory, subdirectories, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(directory)
-        subdirectories[:] = [] if real in seen else sorted(d for d in subdirectories if not d.startswith("."))
-        if real not in seen:
-            seen.add(real)
-            files += [os.path.join(directory, name) for name in names]
-    images = [p for p in files if _is_image_name(os.path.basename(p))]
-    images.sort(key=lambda p: p.split(os.sep))
-    skipped = len(files) - len(images)
+    images: list[str] = []
+    skipped = _walk(os.fspath(folder), images, set())
     if skipped:
         log.info("%s: skipped %d files that are not images (%s)", folder, skipped, ", ".join(sorted(IMAGE_EXTENSIONS)))
     return images
 
 
+def _walk(directory: str, images: list[str], seen: set[str]) -> int:
+    """Append the images under `directory` to `images` in Path order; the other files counted."""
+    real = os.path.realpath(directory)
+    if real in seen:
+        return 0
+    seen.add(real)
+    skipped = 0
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(((entry.name, entry.is_dir()) for entry in scan))  # is_dir follows links
+    except OSError as error:  # an unreadable folder is passed over, as os.walk does, but said
+        log.warning("%s: cannot be listed (%s); its images are left out", directory, error.strerror)
+        return 0
+    prefix = directory if directory.endswith(os.sep) else directory + os.sep
+    for name, is_dir in entries:
+        if is_dir:
+            if not name.startswith("."):
+                skipped += _walk(prefix + name, images, seen)
+        elif _is_image_name(name):
+            images.append(prefix + name)
+        else:
+            skipped += 1
+    return skipped
+
+
 def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+    dot = name.rfind(".")
+    return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def class_folders(folder: Path) -> list[Path]:
