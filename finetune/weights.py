@@ -4,10 +4,16 @@ Checkpoints in the wild wrap the tensors (`{"state_dict": ...}`, `{"model": ...}
 them (`module.` from DataParallel, `model.`/`backbone.` from a training wrapper) and carry an
 old classifier. timm's own `pretrained_cfg_overlay=dict(file=...)` expects a clean file, so
 we unwrap and align keys here, then load with a report instead of a silent `strict=False`.
+
+The training checkpoints of timm's `train.py` (`state_dict`, `state_dict_ema`, `args`) and of
+torchvision's reference scripts (`model`, `model_ema`, `args`) store their arguments as an
+`argparse.Namespace`: that one class is allowed to unpickle (as timm's own loader does), nothing
+else. Their EMA weights are loaded where present: those are the weights such runs are judged by.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +28,11 @@ from finetune.errors import UnsafeFileError, unreadable_file_message
 log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "weights")
+# The EMA of the weights in timm's train.py (`state_dict_ema`) and torchvision's reference
+# scripts (`model_ema`, an AveragedModel: `module.`-prefixed, plus its `n_averaged` counter).
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+# Training arguments some checkpoints carry: plain values in a Namespace, the only class allowed.
+_SAFE_GLOBALS = [argparse.Namespace]
 
 
 @dataclass
@@ -44,7 +55,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = load_file(str(path), device="cpu")
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors come in many types
             raise UnsafeFileError(
                 unreadable_file_message("model.weights", path, err)
@@ -58,6 +70,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "its head is not (the new head starts from scratch); to continue that training use --ckpt_path",
             path, hp.get("backbone", "?"), hp.get("num_classes", "?"),
         )
+    ema = next((key for key in _EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key]), None)
+    if ema is not None:
+        log.info("model.weights: %s is a training checkpoint with an EMA of its weights (%s): loading the EMA", path, ema)
+        obj = {k: v for k, v in obj[ema].items() if k != "n_averaged"}
     while isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors and len(tensors) >= len(obj) / 2:

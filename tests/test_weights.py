@@ -84,3 +84,56 @@ def test_weights_win_over_pretrained_and_need_no_network(tmp_path, torchvision_r
     torch.save(torchvision_resnet50.state_dict(), path)
     backbone = create_backbone("resnet50", pretrained=True, weights=str(path))
     assert_same_backbone(backbone, torchvision_resnet50)
+
+
+# -- training checkpoints of timm's train.py and torchvision's reference scripts ---------------
+
+class NotPlain:
+    """A class no checkpoint format needs: its presence must still refuse the file."""
+
+
+def _noisy(state: dict, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + torch.rand(v.shape, generator=generator) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_timm_train_checkpoint_loads_its_ema_weights(tmp_path, caplog):
+    import argparse
+
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=7)
+    raw, ema = _noisy(model.state_dict(), 0), _noisy(model.state_dict(), 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 12, "arch": "resnet18", "state_dict": raw, "optimizer": optimizer.state_dict(), "version": 2,
+                "args": argparse.Namespace(model="resnet18", lr=0.1, epochs=100, mean=None), "metric": 71.2,
+                "state_dict_ema": ema}, path)
+    with caplog.at_level(logging.INFO, logger="finetune.weights"):
+        backbone = create_backbone("resnet18", weights=str(path))
+    assert "EMA of its weights (state_dict_ema)" in caplog.text
+    for name, tensor in backbone.state_dict().items():
+        torch.testing.assert_close(tensor, ema[name], msg=name)
+
+
+def test_torchvision_reference_checkpoint_loads_model_ema(tmp_path):
+    import argparse
+
+    model = torchvision.models.resnet18(weights=None)
+    ema = _noisy(model.state_dict(), 2)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": _noisy(model.state_dict(), 3), "epoch": 5, "args": argparse.Namespace(model="resnet18", lr=0.5),
+                "model_ema": {"n_averaged": torch.tensor(40), **{f"module.{k}": v for k, v in ema.items()}}}, path)
+    backbone = create_backbone("resnet18", weights=str(path))
+    for name, tensor in backbone.state_dict().items():
+        torch.testing.assert_close(tensor, ema[name], msg=name)
+
+
+def test_a_namespace_holding_anything_else_is_still_refused(tmp_path):
+    import argparse
+
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(hook=NotPlain())}, path)
+    with pytest.raises(ValueError, match="model.weights"):
+        create_backbone("resnet18", weights=str(path))
