@@ -11,7 +11,7 @@ from finetune.data.crop_first import CropFirst
 from finetune.data.file_dataset import FileDataset
 from finetune.data.folder import Sample, scan_image_folder
 from finetune.data.folder_module import FolderDataModule
-from finetune.data.images import Shrink, read_rgb
+from finetune.data.images import Shrink, decode_rgb, read_bytes
 from finetune.data.report import DataReport, folder_report
 from finetune.data.splits import Splits
 from finetune.data.transforms import Augment, Crop, CropShrink, ResizeShrink, train_transform
@@ -42,10 +42,14 @@ class ImageDataset(FileDataset):
 
     def _load(self, index: int) -> dict:
         path, label = self.items[index]
+        return self._sample(index, path, read_guarded(read_bytes, path), label)
+
+    def _sample(self, index: int, path: str, data: bytes, label) -> dict:
+        """The item from an image's encoded bytes (a file's, or a shard's: finetune.data.shards)."""
         if self.crop_first is not None:
-            image = self.crop_first.finish(read_guarded(self.crop_first.read, path, self.shrink))
+            image = self.crop_first.finish(read_guarded(self.crop_first.read_bytes, path, data, self.shrink))
         else:
-            image = self.transform(image=read_guarded(read_rgb, path, self.shrink))["image"]
+            image = self.transform(image=read_guarded(decode_rgb, path, data, self.shrink))["image"]
         if self.num_labels is not None:
             label = torch.zeros(self.num_labels).index_fill_(0, torch.tensor(label, dtype=torch.long), 1.0)
         return {"image": image, "label": label, "path": path, "index": index}
@@ -163,9 +167,34 @@ class ImageFolderDataModule(FolderDataModule):
     def eval_shrink(self) -> Shrink:
         return self.preprocessing.eval_shrink()
 
+    # Items carry a tuple of label indices, trained as multi-hot targets (ManifestDataModule,
+    # ShardDataModule set it from their data).
+    multilabel = False
+
+    @property
+    def num_labels(self) -> int | None:
+        """The multi-hot target length of multi-label items; None for a class index per item."""
+        return self.num_classes if self.multilabel else None
+
+    @property
+    def label_counts(self) -> list[int]:
+        """Training images per label (positives): for `pos_weight: auto`."""
+        return label_positives(self.splits.train, self.num_classes)
+
     def dataset(self, items: list[Sample], train: bool) -> ImageDataset:
         transform, shrink = (self.train_transform(), self.train_shrink()) if train else (self.eval_transform(), self.eval_shrink())
-        return ImageDataset(items, transform, self.hparams.seed, shrink)
+        return ImageDataset(items, transform, self.hparams.seed, shrink, num_labels=self.num_labels)
 
     def predict_dataset(self, paths: list[str]) -> ImageDataset:
-        return self.dataset([(path, -1) for path in paths], train=False)
+        """Image files (`data.predict_root`), whatever the training data is stored as."""
+        items = [(path, () if self.multilabel else -1) for path in paths]
+        return ImageDataset(items, self.eval_transform(), self.hparams.seed, self.eval_shrink(), num_labels=self.num_labels)
+
+
+def label_positives(items: list, num_classes: int) -> list[int]:
+    """Items per label: a class index counts once, a multi-label item once for each of its labels."""
+    counts = [0] * num_classes
+    for _, labels in items:
+        for label in labels if isinstance(labels, tuple) else (labels,):
+            counts[label] += 1
+    return counts

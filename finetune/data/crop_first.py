@@ -19,7 +19,15 @@ import albumentations as A
 import numpy as np
 
 from finetune.data import region_decode
-from finetune.data.images import JpegHeader, Shrink, check_jpeg_size, decode_factor, decode_rgb, jpeg_header
+from finetune.data.images import (
+    JpegHeader,
+    Shrink,
+    check_jpeg_size,
+    decode_factor,
+    decode_rgb,
+    jpeg_header,
+    read_bytes,
+)
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2, as albumentations' crop_coords
 # EXIF orientation -> (transpose, flip rows, flip columns): applied in that order to the pixels
@@ -83,8 +91,7 @@ class CropFirst:
 
     def read(self, path: str | Path, shrink: Shrink | None = None) -> np.ndarray:
         """The RandomResizedCrop output for the file at `path` (HxWx3 uint8, the crop size)."""
-        with open(path, "rb") as file:
-            return self.read_bytes(path, file.read(), shrink)
+        return self.read_bytes(path, read_bytes(path), shrink)
 
     def read_bytes(self, path: str | Path, data: bytes, shrink: Shrink | None = None) -> np.ndarray:
         """`read` of a file's bytes already in memory (a shard's sample); `path` names it in errors."""

@@ -124,11 +124,14 @@ def _decode_jpeg(path: str | Path, data: bytes, factor: int) -> np.ndarray:
     return pixels
 
 
+def read_bytes(path: str | Path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
 def read_rgb(path: str | Path, shrink: Shrink | None = None) -> np.ndarray:
     """HxWx3 uint8 array with EXIF orientation applied (phone photos are stored rotated)."""
-    with open(path, "rb") as file:
-        data = file.read()
-    return decode_rgb(path, data, shrink)
+    return decode_rgb(path, read_bytes(path), shrink)
 
 
 def decode_rgb(path: str | Path, data: bytes, shrink: Shrink | None = None) -> np.ndarray:

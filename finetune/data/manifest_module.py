@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from finetune.data.classification import ImageDataset, ImageFolderDataModule
+from finetune.data.classification import ImageFolderDataModule, label_positives
 from finetune.data.folder import stratified_split
 from finetune.data.manifest import Entry, parse_manifest, read_table
 from finetune.data.multilabel_split import iterative_split
@@ -87,7 +87,6 @@ class ManifestDataModule(ImageFolderDataModule):
         if (manifest is None) == (hf_dataset is None):
             raise FinetuneError("data.manifest: set either data.manifest (a CSV, TSV, JSONL or Parquet file) or "
                                 "data.hf_dataset (a Hugging Face dataset), not both or neither")
-        self.multilabel = False
         self.source = manifest or hf_dataset
         super().__init__(
             root or "", backbone, val_fraction, seed, batch_size, num_workers, image_size, mean, std, crop_pct,
@@ -146,31 +145,11 @@ class ManifestDataModule(ImageFolderDataModule):
         if not self.multilabel and len(class_names) < 2:
             raise FinetuneError(f"data.manifest: {self.source} has {len(class_names)} class(es) with images; "
                                 "a classifier needs at least 2")
-        missing = [name for name, n in zip(class_names, self._positives(splits.train, len(class_names))) if not n]
+        missing = [name for name, n in zip(class_names, label_positives(splits.train, len(class_names))) if not n]
         if missing:
             raise FinetuneError(f"data.manifest: label(s) {missing} of {self.source} have no training image; add some, "
                                 "or leave them out of data.classes")
 
-    def _positives(self, items: list, num_classes: int) -> list[int]:
-        counts = [0] * num_classes
-        for _, labels in items:
-            for label in labels if self.multilabel else (labels,):
-                counts[label] += 1
-        return counts
-
-    @property
-    def label_counts(self) -> list[int]:
-        """Training images per label (positives): for `pos_weight: auto` and class weights."""
-        return self._positives(self.splits.train, self.num_classes)
-
     def data_report(self) -> DataReport:
         crop = (self.augmentation["crop"], self.crop_pct)
         return folder_report(str(self.source), type(self).__name__, self.splits, self.screening, crop)
-
-    def dataset(self, items: list, train: bool) -> ImageDataset:
-        dataset = super().dataset(items, train)
-        dataset.num_labels = self.num_classes if self.multilabel else None  # multi-hot targets
-        return dataset
-
-    def predict_dataset(self, paths: list[str]) -> ImageDataset:
-        return self.dataset([(path, () if self.multilabel else -1) for path in paths], train=False)

@@ -19,8 +19,6 @@ import io
 import json
 from typing import Literal
 
-import torch
-
 from finetune.data.bad_images import BadFile, read_guarded
 from finetune.data.classification import ImageDataset, ImageFolderDataModule
 from finetune.data.images import decode_rgb
@@ -71,18 +69,37 @@ class ShardReader:
             raise BadFile(f"{shard_url(self.url, split)}#{position}", reason) from None
 
 
-def dataset_state(state: dict, meta: dict) -> dict:
-    # Which data the checkpoint was trained on: resuming on other shards is refused in one line.
-    return {**state, "dataset_id": meta["dataset_id"]}
+class FromShards:
+    """What both shard DataModules share: the sample keys of the splits, checked against their
+    files, and the shards' dataset_id in the DataModule's state, so that resuming on other
+    shards is refused in one line."""
 
+    meta: dict
 
-def check_dataset_state(state: dict, meta: dict, shards: str) -> None:
-    saved = state.get("dataset_id")
-    if saved is not None and saved != meta["dataset_id"]:
-        raise FinetuneError(
-            f"data.shards: {shards} holds other data (dataset_id {meta['dataset_id'][:12]}) than the checkpoint was "
-            f"trained on ({saved[:12]}); point data.shards at those shards, or start a new run"
-        )
+    def shard_keys(self) -> dict[str, list[str]]:
+        """"<split>:<index>" of every sample, per split; a local split's index and chunks checked."""
+        keys = {}
+        for split in SPLIT_NAMES:
+            count = self.meta["splits"].get(split, 0)
+            if count:
+                check_local_split(self.hparams.shards, split)
+            keys[split] = [f"{split}:{i}" for i in range(count)]
+        if not keys["train"] or not keys["val"]:
+            raise FinetuneError(f"data.shards: {self.hparams.shards} has no train or no val split; prepare it from data "
+                                "with both (data.val_fraction > 0)")
+        return keys
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "dataset_id": self.meta["dataset_id"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("dataset_id")
+        if saved is not None and saved != self.meta["dataset_id"]:
+            raise FinetuneError(
+                f"data.shards: {self.hparams.shards} holds other data (dataset_id {self.meta['dataset_id'][:12]}) than the "
+                f"checkpoint was trained on ({saved[:12]}); point data.shards at those shards, or start a new run"
+            )
+        super().load_state_dict(state_dict)
 
 
 class ShardImageDataset(ImageDataset):
@@ -98,17 +115,10 @@ class ShardImageDataset(ImageDataset):
         key, label = self.items[index]
         sample = self.streams.sample(key)
         # bytes: LitData may hand a memoryview, which libturbojpeg's ctypes call refuses.
-        path, data = sample["path"], bytes(sample["image"])
-        if self.crop_first is not None:
-            image = self.crop_first.finish(read_guarded(self.crop_first.read_bytes, path, data, self.shrink))
-        else:
-            image = self.transform(image=read_guarded(decode_rgb, path, data, self.shrink))["image"]
-        if self.num_labels is not None:
-            label = torch.zeros(self.num_labels).index_fill_(0, torch.tensor(label, dtype=torch.long), 1.0)
-        return {"image": image, "label": label, "path": path, "index": index}
+        return self._sample(index, sample["path"], bytes(sample["image"]), label)
 
 
-class ShardDataModule(ImageFolderDataModule):
+class ShardDataModule(FromShards, ImageFolderDataModule):
     """Classification data (single- or multi-label) from `finetune prepare` shards.
 
     `shards`: the folder (or `s3://...` URL) `finetune prepare` wrote. Classes, splits and the
@@ -162,49 +172,24 @@ class ShardDataModule(ImageFolderDataModule):
         except ValueError as error:
             raise FinetuneError(f"data.shards: {self.hparams.shards}/{LABELS_FILE} is not readable JSON ({error}); "
                                 "prepare the shards again") from None
+        cast = tuple if self.multilabel else int
         split_items = {}
-        for split in SPLIT_NAMES:
-            if self.meta["splits"].get(split):
-                check_local_split(self.hparams.shards, split)
+        for split, keys in self.shard_keys().items():
             split_labels = labels.get(split) or []
-            if len(split_labels) != self.meta["splits"].get(split, 0):
-                raise FinetuneError(f"data.shards: {self.hparams.shards} lists {self.meta['splits'].get(split, 0)} {split} "
-                                    f"samples but {LABELS_FILE} has {len(split_labels)}; prepare the shards again")
-            cast = tuple if self.multilabel else int
-            split_items[split] = [(f"{split}:{i}", cast(label)) for i, label in enumerate(split_labels)]
-        if not split_items["train"] or not split_items["val"]:
-            raise FinetuneError(f"data.shards: {self.hparams.shards} has no train or no val split; prepare it from data "
-                                "with both (data.val_fraction > 0)")
+            if len(split_labels) != len(keys):
+                raise FinetuneError(f"data.shards: {self.hparams.shards} lists {len(keys)} {split} samples but "
+                                    f"{LABELS_FILE} has {len(split_labels)}; prepare the shards again")
+            split_items[split] = [(key, cast(label)) for key, label in zip(keys, split_labels)]
         return Splits(**split_items, class_names=list(self.meta["class_names"]), val_names=self.meta.get("val_names"))
-
-    def state_dict(self) -> dict:
-        return dataset_state(super().state_dict(), self.meta)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        check_dataset_state(state_dict, self.meta, self.hparams.shards)
-        super().load_state_dict(state_dict)
 
     def data_report(self) -> DataReport:
         return folder_report(str(self.source), type(self).__name__, self.splits, self.screening)
 
     def dataset(self, items: list, train: bool) -> ShardImageDataset:
         transform, shrink = (self.train_transform(), self.train_shrink()) if train else (self.eval_transform(), self.eval_shrink())
-        num_labels = self.num_classes if self.multilabel else None
         return ShardImageDataset(self.hparams.shards, self.hparams.cache_dir, items, transform, self.hparams.seed, shrink,
-                                 num_labels=num_labels)
+                                 num_labels=self.num_labels)
 
-    def predict_dataset(self, paths: list[str]) -> ImageDataset:
-        """Prediction reads image files (`data.predict_root`), as for a folder."""
-        return ImageDataset([(path, () if self.multilabel else -1) for path in paths], self.eval_transform(), self.hparams.seed,
-                            self.eval_shrink(), num_labels=self.num_classes if self.multilabel else None)
-
-    @property
-    def label_counts(self) -> list[int]:
-        counts = [0] * self.num_classes
-        for _, labels in self.splits.train:
-            for label in labels if self.multilabel else (labels,):
-                counts[label] += 1
-        return counts
 
 
 class ShardSegmentationDataset(SegmentationDataset):
@@ -223,7 +208,7 @@ class ShardSegmentationDataset(SegmentationDataset):
         return {"image": out["image"], "mask": out["mask"], "path": path}
 
 
-class ShardSegmentationDataModule(SegmentationFolderDataModule):
+class ShardSegmentationDataModule(FromShards, SegmentationFolderDataModule):
     """Segmentation (image, mask) pairs from `finetune prepare` shards (`shards`: a folder or
     `s3://...` URL; `cache_dir`: LitData's download cache). Classes come from the shards; the
     colours are the default palette. Other options are SegmentationFolderDataModule's."""
@@ -266,23 +251,8 @@ class ShardSegmentationDataModule(SegmentationFolderDataModule):
         self._read_folder(min_side=SMALLEST_SIDE, mask_labels=(self.num_classes, ignore_index))
 
     def scan_folder(self, root, val_fraction: float, seed: int) -> Splits:
-        split_items = {}
-        for split in SPLIT_NAMES:
-            count = self.meta["splits"].get(split, 0)
-            if count:
-                check_local_split(self.hparams.shards, split)
-            split_items[split] = [(f"{split}:{i}", f"{split}:{i}") for i in range(count)]
-        if not split_items["train"] or not split_items["val"]:
-            raise FinetuneError(f"data.shards: {self.hparams.shards} has no train or no val split; prepare it from data "
-                                "with both")
-        return Splits(**split_items)
-
-    def state_dict(self) -> dict:
-        return dataset_state(super().state_dict(), self.meta)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        check_dataset_state(state_dict, self.meta, self.hparams.shards)
-        super().load_state_dict(state_dict)
+        # (image, mask) pairs: both are the sample's, read together by ShardSegmentationDataset.
+        return Splits(**{split: [(key, key) for key in keys] for split, keys in self.shard_keys().items()})
 
     def data_report(self) -> DataReport:
         return segmentation_report(self.source, type(self).__name__, self.splits, self.class_names, self.screening)
