@@ -77,8 +77,9 @@ def hf_rows(
 
 def default_cache_dir() -> Path:
     """`$FINETUNE_CACHE/hf-images`, or ~/.cache/finetune/hf-images."""
-    root = os.environ.get("FINETUNE_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "finetune") / "hf-images"
+    from finetune.data.screening_cache import cache_root
+
+    return cache_root() / "hf-images"
 
 
 def _import_datasets():

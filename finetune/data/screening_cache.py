@@ -73,7 +73,7 @@ SIG, HEIGHT, WIDTH, MODE, PROBLEM, DECODED, SEEN = slice(0, 4), 4, 5, 6, 7, 8, 9
 
 
 def cache_root() -> Path:
-    """`$FINETUNE_CACHE`, or ~/.cache/finetune (finetune.data.hf_dataset.default_cache_dir: its `hf-images`)."""
+    """`$FINETUNE_CACHE`, or ~/.cache/finetune: every cache of finetune's is under it (`screening/`, `hf-images/`)."""
     root = os.environ.get(ROOT_ENV)
     return Path(root).expanduser() if root else Path.home() / ".cache" / "finetune"
 
