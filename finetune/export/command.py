@@ -1,7 +1,9 @@
-"""`finetune export --ckpt_path CKPT --format onnx|torchscript|safetensors [--output PATH]`.
+"""`finetune export --ckpt_path CKPT --format onnx|torchscript|safetensors|hub [--output PATH]`.
 
 Loads the checkpoint, writes the file with its metadata, then runs it on sample images (the
 training data's validation split, or --images) against PyTorch and fails above --tolerance.
+`--format hub` writes a Hugging Face Hub folder (timm's layout + model card) and can upload it
+(`--push_to_hub user/repo`); `--wandb true` logs what was written as a W&B model artifact.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from finetune.errors import FinetuneError
 from finetune.export.parity import (
     DEFAULT_TOLERANCE,
     check_file,
@@ -16,7 +19,7 @@ from finetune.export.parity import (
     sample_images,
 )
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors", "hub": "-hub"}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -33,8 +36,15 @@ def _bool(text: str) -> bool:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = _OneLineParser(prog="finetune export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt_path", required=True, help="checkpoint of `finetune fit`")
-    parser.add_argument("--format", default="onnx", help="onnx (default) | torchscript | safetensors (weights + YAML)")
-    parser.add_argument("--output", help="file to write; default: the checkpoint's path with the format's suffix")
+    parser.add_argument("--format", default="onnx",
+                        help="onnx (default) | torchscript | safetensors (weights + YAML) | hub (Hugging Face Hub folder)")
+    parser.add_argument("--output", help="file to write (hub: folder); default: the checkpoint's path with the "
+                                         "format's suffix (hub: <checkpoint stem>-hub/ beside it)")
+    parser.add_argument("--push_to_hub", metavar="USER/REPO", help="hub: upload the folder to this Hub model repo")
+    parser.add_argument("--license", help="hub: the model card's license; default: the backbone's pretrained weights' "
+                                          "license in timm, else other")
+    parser.add_argument("--wandb", type=_bool, default=False,
+                        help="true: log what was written as a model artifact of the checkpoint's W&B run (default false)")
     parser.add_argument("--normalize_in_graph", type=_bool, default=True,
                         help="true (default): input uint8 [N,H,W,3] RGB, normalised inside; false: normalised float [N,3,H,W]")
     parser.add_argument("--images", help="sample images for the parity check; default: the training data's val split")
@@ -42,7 +52,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest max abs difference accepted")
     args = parser.parse_args(argv)
     if args.format not in FORMATS:
-        raise SystemExit(f"finetune export: --format: unknown {args.format!r}; use onnx, torchscript or safetensors")
+        raise SystemExit(f"finetune export: --format: unknown {args.format!r}; use onnx, torchscript, safetensors or hub")
+    if args.format != "hub" and (args.push_to_hub or args.license):
+        flag = "--push_to_hub" if args.push_to_hub else "--license"
+        raise SystemExit(f"finetune export: {flag}: only with --format hub")
     return args
 
 
@@ -51,7 +64,7 @@ def output_path(ckpt_path: str, file_format: str, output: str | None) -> Path:
         ckpt = Path(ckpt_path)
         return ckpt.with_name(ckpt.stem + FORMATS[file_format])
     # Readers (and `finetune predict --exported`) tell ONNX from TorchScript by the suffix.
-    if (Path(output).suffix == ".onnx") != (file_format == "onnx") and file_format != "safetensors":
+    if (Path(output).suffix == ".onnx") != (file_format == "onnx") and file_format not in ("safetensors", "hub"):
         raise ValueError(f"--output: {output} for --format {file_format}; use a {FORMATS[file_format]} name")
     return Path(output)
 
@@ -70,9 +83,12 @@ def export(args: argparse.Namespace) -> Path:
 
         weights, config = save_release(loaded, path)
         report = check_rebuilt(loaded, load_release(weights, config), images, args.tolerance)
-        written = f"{weights} + {config}"
+        written, artifact = f"{weights} + {config}", weights
+    elif args.format == "hub":
+        report = _export_hub(loaded, args, path, images)
+        written = artifact = path
     else:
-        written = _export_graph(loaded, args, path)
+        written = artifact = _export_graph(loaded, args, path)
         report = check_file(loaded, path, images, args.tolerance)
     size = loaded.preprocessing.input_size
     outputs = ", ".join(loaded.contract.outputs)
@@ -81,7 +97,43 @@ def export(args: argparse.Namespace) -> Path:
     print(report.summary())
     if not report.ok:
         raise SystemExit(f"finetune export: parity check failed for {path}; the file is kept for inspection")
+    if args.wandb:
+        from finetune.export.wandb_artifact import log_exported
+
+        log_exported(Path(artifact), str(args.ckpt_path), _artifact_metadata(loaded, args.format, report))
+    if args.push_to_hub:
+        from finetune.export.hub import push_hub_folder
+
+        print(f"uploaded {path} to {push_hub_folder(path, args.push_to_hub)}")
     return path
+
+
+def _artifact_metadata(loaded, file_format: str, report) -> dict:
+    from finetune.export.metadata import plain
+
+    return plain({
+        "format": file_format, "task": loaded.contract.name, "backbone": loaded.hparams["backbone"],
+        "class_names": loaded.class_names, "preprocessing": loaded.preprocessing.to_dict(),
+        "parity": {"engine": report.engine, "images": report.images, "max_abs_diff": report.max_abs_diff},
+    })
+
+
+def _export_hub(loaded, args: argparse.Namespace, folder: Path, images):
+    """The folder, then its reload (timm's model where it is ours) against PyTorch, then the card
+    with the parity numbers in it."""
+    from finetune.export.hub import CARD, reload_hub_folder, write_hub_folder
+    from finetune.export.model_card import default_license, model_card, training_record
+
+    hub = write_hub_folder(loaded, folder)
+    if hub.fallback:  # one line: what timm gives, and what gives ours
+        timm_part = f"timm.create_model('local-dir:{folder}') gives {hub.timm_gives}" if hub.timm_gives else "timm cannot load it"
+        print(f"note: {timm_part} ({hub.fallback}); finetune.export.hub.load_hub_folder('{folder}') gives the fine-tuned network")
+    report = check_rebuilt(loaded, reload_hub_folder(hub, loaded), images, args.tolerance)
+    report.engine = "timm.create_model('local-dir:')" if hub.loader == "timm" else "load_hub_folder"
+    record = training_record(args.ckpt_path, loaded.contract.monitor)
+    license_ = args.license or default_license(loaded.hparams["backbone"])
+    (folder / CARD).write_text(model_card(loaded, hub, report, record, license_, args.push_to_hub))
+    return report
 
 
 def _export_graph(loaded, args: argparse.Namespace, path: Path) -> Path:
@@ -105,5 +157,5 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     try:
         export(args)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (FileNotFoundError, ValueError, TypeError, FinetuneError) as err:
         raise SystemExit(f"finetune export: {err}") from None
