@@ -1,6 +1,6 @@
 """`finetune <command>`: the one entry point (the console script and `python -m finetune`).
 
-Commands that need no Trainer (search, export, predict from an exported file) are dispatched
+Commands that need no Trainer (search, export, interpret, predict from an exported file) are dispatched
 before Lightning is imported, so they start in a fraction of the time and run where Lightning
 is not installed. The others go through finetune.cli; a mistake the user can fix ends there as
 one line (`error: model.backbone: ...`), a bug with its traceback.
@@ -30,6 +30,10 @@ def main() -> None:
         from finetune.export.command import main as export_main
 
         return export_main(args[1:])
+    if command == ["interpret"]:  # top losses, confused pairs, likely mislabelled images of a checkpoint
+        from finetune.interpret_command import main as interpret_main
+
+        return interpret_main(args[1:])
     if command == ["predict"] and _exported(args):  # an exported .onnx / TorchScript file
         from finetune.predict_exported import main as run_exported
 

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from finetune.callbacks.media import WandbMediaLogger
     from finetune.callbacks.predictions import PredictionWriter
     from finetune.callbacks.progress import ProgressBar
+    from finetune.callbacks.report import RunReport
     from finetune.callbacks.segmentation import WandbMaskLogger
 
 _MODULES = {
@@ -19,6 +20,7 @@ _MODULES = {
     "ModelCheckpoint": "finetune.callbacks.checkpoint",
     "PredictionWriter": "finetune.callbacks.predictions",
     "ProgressBar": "finetune.callbacks.progress",
+    "RunReport": "finetune.callbacks.report",
     "WandbEmbeddingLogger": "finetune.callbacks.embedding",
     "WandbMaskLogger": "finetune.callbacks.segmentation",
     "WandbMediaLogger": "finetune.callbacks.media",
@@ -38,6 +40,7 @@ __all__ = [
     "ModelCheckpoint",
     "PredictionWriter",
     "ProgressBar",
+    "RunReport",
     "WandbEmbeddingLogger",
     "WandbMaskLogger",
     "WandbMediaLogger",

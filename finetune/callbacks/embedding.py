@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback
 
-from finetune.callbacks.media import _wandb_logger
+from finetune.callbacks.media import _wandb_logger, say_where_pictures_go
 
 
 class WandbEmbeddingLogger(Callback):
     """Each validation: the verification ROC curve, and up to `max_points` held-out embeddings
-    as a table (W&B's projector plots a table with an embedding column in 2-D)."""
+    as a table (W&B's projector plots a table with an embedding column in 2-D). Without a
+    WandbLogger it says so once (RunReport has the ROC)."""
 
     def __init__(self, max_points: int = 1000):
         self.max_points = max_points
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        say_where_pictures_go(self, trainer)
 
     def on_validation_end(self, trainer, pl_module):
         logger = _wandb_logger(trainer)

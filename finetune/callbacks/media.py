@@ -3,13 +3,36 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+log = logging.getLogger(__name__)
+
 
 def _wandb_logger(trainer) -> WandbLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def say_where_pictures_go(callback: Callback, trainer) -> None:
+    """One line (rank 0) when a W&B picture callback has no WandbLogger to draw in: which
+    logger(s) there are instead, and where the run report puts the pictures. Call it in
+    `setup`, which Lightning runs once per fit or validate."""
+    if _wandb_logger(trainer) is not None or not trainer.is_global_zero:
+        return
+    from finetune.callbacks.report import run_report_of
+
+    name = type(callback).__name__
+    names = ", ".join(type(lg).__name__ for lg in trainer.loggers)
+    loggers = f"{names} cannot take W&B images" if names else "no logger is configured (trainer.logger: false)"
+    report = run_report_of(trainer)
+    where = (
+        f"the pictures are in {report.folder(trainer)}/ (RunReport)" if report is not None
+        else "turn the run report on (--report.enabled true) to get them as PNG files"
+    )
+    log.warning("%s: %s; %s", name, loggers, where)
 
 
 def to_uint8_images(images: torch.Tensor, mean, std) -> list:
@@ -63,10 +86,13 @@ def per_label_table(columns: dict[str, list]):
 
 class WandbMediaLogger(Callback):
     """Each validation: a grid of `num_images` images captioned with true and predicted class,
-    and the confusion matrix. Does nothing without a WandbLogger."""
+    and the confusion matrix. Without a WandbLogger it says so once (RunReport has the pictures)."""
 
     def __init__(self, num_images: int = 16):
         self.num_images = num_images
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        say_where_pictures_go(self, trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         logger = _wandb_logger(trainer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from lightning.pytorch import Callback
 
-from finetune.callbacks.media import _wandb_logger, to_uint8_images
+from finetune.callbacks.media import _wandb_logger, say_where_pictures_go, to_uint8_images
 from finetune.data.segmentation_classes import default_palette
 
 
@@ -17,10 +17,14 @@ def palette_for(datamodule, num_classes: int) -> list[tuple[int, int, int]]:
 
 class WandbMaskLogger(Callback):
     """Each validation: `num_images` images with predicted and true masks as W&B mask layers
-    (toggle them in the panel), and a table of per-class IoU. Does nothing without W&B."""
+    (toggle them in the panel), and a table of per-class IoU. Without a WandbLogger it says so
+    once (RunReport has the pictures)."""
 
     def __init__(self, num_images: int = 8):
         self.num_images = num_images
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        say_where_pictures_go(self, trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         logger = _wandb_logger(trainer)
