@@ -26,9 +26,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 from finetune.callbacks.checkpoint import ModelCheckpoint  # noqa: E402
 from finetune.callbacks.interruption import Interruption  # noqa: E402
+from finetune.callbacks.logged_config import LoggedConfig  # noqa: E402
 from finetune.callbacks.nonfinite import NonFiniteGuard  # noqa: E402
 from finetune.callbacks.predictions import PredictionWriter  # noqa: E402
 from finetune.callbacks.progress import ProgressBar  # noqa: E402
+from finetune.callbacks.report import RunReport  # noqa: E402
+from finetune.callbacks.wandb_run import WandbRunId, continue_wandb_run  # noqa: E402
 from finetune.compile import CompiledGraphs  # noqa: E402
 from finetune.contract import contract_of  # noqa: E402
 from finetune.errors import (  # noqa: E402
@@ -88,6 +91,7 @@ class FinetuneCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # the task's writer, by its contract
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")  # stop at a NaN/inf loss
         parser.add_lightning_class_args(Interruption, "interruption")  # SIGTERM/Ctrl+C: save, exit
+        parser.add_lightning_class_args(RunReport, "report")  # curves and figures as files: runs/<name>/report/
         parser.add_argument(
             "--lr_find", type=bool, default=False,
             help="fit only: run the LR range test (Lightning Tuner), print and plot the suggestion, then stop",
@@ -116,8 +120,12 @@ class FinetuneCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Lightning's, without its warning that `args` and sys.argv both hold arguments
         (`finetune` passes its own, sys.argv also has the command's name), then --ckpt_path
-        checked before Lightning reads its hyperparameters."""
+        checked before Lightning reads its hyperparameters. The arguments go to the loggers
+        with the config (LoggedConfig)."""
         self.config = parser.parse_args(args)
+        command_line = sys.argv[1:] if args is None else args
+        if isinstance(command_line, list) and self.save_config_callback is LoggedConfig:
+            self.save_config_kwargs = {**self.save_config_kwargs, "command_line": [str(a) for a in command_line]}
         subcommand = self.config.get("subcommand")
         if subcommand:
             refuse_unreadable_checkpoint(self.config[subcommand].get("ckpt_path"))
@@ -157,6 +165,8 @@ class FinetuneCLI(LightningCLI):
         local_file = ckpt_path and ckpt_path not in ("last", "best", "hpc") and ":" not in str(ckpt_path)
         if local_file and not Path(ckpt_path).is_file():
             raise FinetuneError(f"ckpt_path: {ckpt_path} is not a file; pass a .ckpt path, or `last` to resume")
+        if self.subcommand == "fit":
+            continue_wandb_run(config, _logger_configs(config.trainer.logger), refuse_unreadable_checkpoint)
 
     def instantiate_classes(self) -> None:
         if self.instantiate:
@@ -168,8 +178,12 @@ class FinetuneCLI(LightningCLI):
         freeze/unfreeze schedule cannot run under are refused in FinetuneTask.setup.)"""
         config = (self.config_init.get(self.subcommand) if self.subcommand else self.config_init)["trainer"]
         configured = list(config.get("callbacks") or [])
+        # The W&B run's id in every checkpoint (a no-op without a WandbLogger): a resumed fit
+        # and `finetune export` log into the run that trained the model.
+        always_on = [WandbRunId()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in configured):
-            kwargs.setdefault("callbacks", [*configured, ProgressBar()])
+            always_on.append(ProgressBar())
+        kwargs.setdefault("callbacks", [*configured, *always_on])
         with lightning_refusals_named({"trainer": TRAINER_ARGUMENTS}):
             return super().instantiate_trainer(**kwargs)
 
@@ -274,6 +288,8 @@ def create_cli(
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=run,
+        # config.yaml in the log folder, and the whole config in every logger (W&B: the run's config).
+        save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         # Tasks build their own optimizer (param groups, no decay on norms): no CLI override.
         auto_configure_optimizers=False,

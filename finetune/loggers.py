@@ -6,7 +6,9 @@ import logging
 import os
 from pathlib import Path
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from finetune.hub import host_reachable
 from finetune.lightning_internals import finish_wandb_run
@@ -63,6 +65,10 @@ class WandbLogger(_LightningWandbLogger):
     means an offline run under `save_dir/wandb/offline-run-*` that `wandb sync` uploads later.
     Training never waits on the network for that decision (one 3 s probe at most).
     `save_dir` defaults to the trainer's `default_root_dir` when run through the CLI.
+
+    `log_model: true`: at the end of a successful fit, the best and the last checkpoint become
+    versions of the model artifact `model-<run id>`, aliased `best` and `latest`, with the
+    monitored metric's score in their metadata; offline runs keep them for `wandb sync`.
     """
 
     def __init__(
@@ -71,7 +77,7 @@ class WandbLogger(_LightningWandbLogger):
         name: str | None = None,
         save_dir: str | None = None,
         offline: bool | None = None,
-        log_model: bool | str = False,
+        log_model: bool = False,
         **kwargs,
     ):
         save_dir = save_dir or "runs"
@@ -80,15 +86,61 @@ class WandbLogger(_LightningWandbLogger):
             offline = reason is not None
             if offline:
                 log.warning("W&B runs offline: %s. Upload later with `wandb sync %s/wandb/offline-run-*`", reason, save_dir)
-        if offline and log_model:
-            log.warning("W&B is offline: checkpoints stay on disk instead of being logged as artifacts")
-            log_model = False
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         keep_wandb_files_under(Path(save_dir).resolve())
-        super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, **kwargs)
+        # Lightning refuses log_model offline ("cannot be uploaded"), yet an offline run stores
+        # artifacts like any other record and `wandb sync` uploads them: the logging is ours.
+        super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=False, **kwargs)
+        self.log_model = bool(log_model)
+        self.checkpoint_callbacks: list[ModelCheckpoint] = []
+        self.latest_metrics: dict[str, float] = {}  # the score of last.ckpt, which ModelCheckpoint does not keep
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        self.latest_metrics.update(metrics)
+        super().log_metrics(metrics, step)
+
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        # Called on every save (rank 0), with a weakref proxy (`in` compares the callbacks behind
+        # it): remember the callback, log its files once at the end, not a checkpoint per epoch.
+        if self.log_model and checkpoint_callback not in self.checkpoint_callbacks:
+            self.checkpoint_callbacks.append(checkpoint_callback)
 
     def finalize(self, status: str) -> None:
+        # Checkpoints of a failed or interrupted fit are not logged; the fit resumed from its
+        # last.ckpt logs into the same run (finetune.callbacks.wandb_run).
+        if status == "success":
+            self._log_checkpoints()
+        super().finalize(status)
         # One run per fit. Lightning's logger leaves the W&B run open, and the next
         # WandbLogger in the same process (a notebook, a test) would silently log into it.
-        super().finalize(status)
         finish_wandb_run(self, exit_code=0 if status == "success" else 1)
+
+    @rank_zero_only
+    def _log_checkpoints(self) -> None:
+        for callback in self.checkpoint_callbacks:
+            log_checkpoint_artifacts(self.experiment, callback, self.latest_metrics.get(callback.monitor))
+
+
+def log_checkpoint_artifacts(run, callback: ModelCheckpoint, last_score: float | None) -> None:
+    """The best checkpoint (alias `best`), then last.ckpt (alias `latest`), as versions of the
+    artifact `model-<run id>`, with the monitored metric's score: the best one's, and
+    `last_score` (the metric's latest value: last.ckpt is written after every validation).
+    ModelCheckpoint's `current_score` would not do: it changes only when a best file is saved."""
+    import wandb
+
+    files = [(callback.best_model_path, callback.best_model_score, "best"),
+             (callback.last_model_path, last_score, "latest")]
+    for path, score, alias in files:
+        if not path or not Path(path).is_file():
+            continue
+        metadata = {
+            "score": None if score is None else float(score),
+            "monitor": callback.monitor,
+            "mode": callback.mode,
+            "original_filename": Path(path).name,
+        }
+        artifact = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=metadata)
+        # "mutable": staged as a copy, so a later fit overwriting last.ckpt cannot change what
+        # an offline run uploads at `wandb sync`.
+        artifact.add_file(path, name="model.ckpt", policy="mutable")
+        run.log_artifact(artifact, aliases=[alias])
