@@ -9,6 +9,7 @@ names the key of a setting Lightning refuses. `one_line_errors` is where `finetu
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import pickle
@@ -241,3 +242,17 @@ def condense_parse_error(message: str) -> str:
     ):
         text += f" (got {given!r})"
     return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the commands that run without LightningCLI (export, interpret, predict
+    --exported): a mistake ends as one line naming the flag (`finetune export: --format: ...`)
+    instead of the whole usage. `command`: the name the line starts with (default: `prog`)."""
+
+    def __init__(self, prog: str, description: str | None = None, command: str | None = None):
+        super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.command = command or prog
+
+    def error(self, message: str):
+        raise SystemExit(f"{self.command}: {message} (see {self.prog} --help)")
+

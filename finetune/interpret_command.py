@@ -22,15 +22,11 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import OneLineParser
 from finetune.interpretation import Interpretation
 
 SPLITS = ("train", "val", "test")
 SUPPORTED = "single-label classification (finetune.tasks.ClassificationTask)"
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints the whole usage; one line says enough
-        raise SystemExit(f"finetune interpret: {message} (see finetune interpret --help)")
 
 
 def _positive(text: str) -> int:
@@ -40,8 +36,7 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _OneLineParser(prog="finetune interpret", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser("finetune interpret", __doc__)
     parser.add_argument("--ckpt_path", required=True, help="checkpoint of `finetune fit`")
     parser.add_argument("--split", default="val", choices=SPLITS, help="a split of the training data (default: val)")
     parser.add_argument("--output", help="folder to write to; default: the run's report/ (next to checkpoints/)")

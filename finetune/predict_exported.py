@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from finetune.data.folder import list_images
+from finetune.errors import OneLineParser
 from finetune.export.runtime import ExportedModel
 from finetune.writers import WRITERS
 
@@ -20,14 +21,8 @@ from finetune.writers import WRITERS
 _WRITER_OF_TASK = {"classification": "csv", "segmentation": "masks", "embedding": "embeddings"}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"finetune predict: {message} (see finetune predict --exported FILE --help)")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _OneLineParser(prog="finetune predict --exported", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser("finetune predict --exported FILE", __doc__, command="finetune predict")
     parser.add_argument("--exported", required=True, help=".onnx or TorchScript file of `finetune export`")
     parser.add_argument("--input", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--output", default="predictions", help="folder for the outputs (default: predictions)")

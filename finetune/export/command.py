@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, OneLineParser
 from finetune.export.parity import (
     DEFAULT_TOLERANCE,
     check_file,
@@ -22,11 +22,6 @@ from finetune.export.parity import (
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors", "hub": "-hub"}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints the whole usage; one line says enough
-        raise SystemExit(f"finetune export: {message} (see finetune export --help)")
-
-
 def _bool(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
@@ -34,7 +29,7 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _OneLineParser(prog="finetune export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser("finetune export", __doc__)
     parser.add_argument("--ckpt_path", required=True, help="checkpoint of `finetune fit`")
     parser.add_argument("--format", default="onnx",
                         help="onnx (default) | torchscript | safetensors (weights + YAML) | hub (Hugging Face Hub folder)")
