@@ -230,3 +230,18 @@ def test_gpu_configs_log_checkpoints_and_quickstarts_do_not():
         assert log_model(name) is True, name
     for name in ("quickstart.yaml", "faces_quickstart.yaml", "multilabel_quickstart.yaml", "segment_quickstart.yaml"):
         assert log_model(name) is False, name
+
+
+def test_the_interpretation_tables_are_in_the_run(two_fits):
+    """At the end of a classification fit the report's top losses, likely mislabelled and most
+    confused pairs go to W&B as tables, as they go to report/ as CSVs."""
+    logged = {}  # W&B flattens a table's entry into one item per field: key/_type, key/nrows, ...
+    for history in of_type(wandb_records(two_fits["first_file"]), "history"):
+        logged.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in history.item})
+    assert logged["interpretation/top_losses/_type"] == "table-file"
+    assert logged["interpretation/top_losses/ncols"] == 7  # image, path, true, predicted, p's, loss
+    assert logged["interpretation/top_losses/nrows"] == 20  # 2 x SHOWN of the 24 validation images
+    assert logged["interpretation/most_confused/ncols"] == 3
+    assert logged["interpretation/likely_mislabelled/_type"] == "table-file"
+    rows = (two_fits["run"] / "report" / "interpret-val.csv").read_text().splitlines()
+    assert len(rows) == 1 + 24

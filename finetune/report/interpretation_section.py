@@ -30,7 +30,13 @@ def interpretation_section(trainer, pl_module) -> Callable[[Path], str] | None:
     def write(folder: Path) -> str:
         from finetune.interpret_command import interpret_module
 
-        result = interpret_module(pl_module, datamodule.val_dataloader())
+        # Lightning's teardown has moved the model to the CPU before on_fit_end: back to the
+        # training device for this pass (a GPU run's validation set on a CPU would take long).
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            result = interpret_module(pl_module, datamodule.val_dataloader())
+        finally:
+            pl_module.cpu()
         samples = result.write_csv(folder / "interpret-val.csv")
         confused = result.write_confused_csv(folder / "confused-val.csv")
         figure = result.top_losses_figure(folder / "top_losses-val.png", k=9)
