@@ -85,7 +85,9 @@ def plot_masks(pictures: Sequence[np.ndarray], truths: Sequence[np.ndarray], pre
     figure = new_figure(7.5, 2.4 * len(pictures) + 0.6)
     grid = figure.subplots(len(pictures), 3, squeeze=False)
     for row, picture, truth, prediction in zip(grid, pictures, truths, predictions):
-        shown = (picture, overlay(picture, truth, palette, ignore_index), overlay(picture, prediction, palette, ignore_index))
+        # Pixels without a label (the batch's padding, void borders) are not scored: not coloured either.
+        scored = np.where(truth == ignore_index, ignore_index, prediction)
+        shown = (picture, overlay(picture, truth, palette, ignore_index), overlay(picture, scored, palette, ignore_index))
         for axes, image in zip(row, shown):
             axes.imshow(image)
             axes.axis("off")
