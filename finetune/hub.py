@@ -51,6 +51,18 @@ def cached_weights_file(hf_hub_id: str) -> str | None:
     return None
 
 
+def hub_offline_reason(url: str | None = None) -> str | None:
+    """Why the Hub (or `url`, default the Hub's endpoint) cannot be used now, or None.
+    Behind a proxy a direct socket probe says nothing useful: trust the libraries then."""
+    if _env_true("HF_HUB_OFFLINE"):
+        return "HF_HUB_OFFLINE is set"
+    url = url or _hub_endpoint()
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if proxied or host_reachable(url):
+        return None
+    return f"{urlparse(url).hostname} is unreachable"
+
+
 def pretrained_overlay(model_name: str) -> dict:
     """Extra `timm.create_model` kwargs that make `pretrained=True` work without retries.
 
@@ -66,16 +78,12 @@ def pretrained_overlay(model_name: str) -> dict:
         )
     if cfg.file:
         return {}
-    offline = _env_true("HF_HUB_OFFLINE")
-    # Behind a proxy a direct socket probe says nothing useful: trust the libraries then.
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    url = _hub_endpoint() if cfg.hf_hub_id else cfg.url
-    if not offline and (proxied or host_reachable(url)):
+    where = hub_offline_reason(None if cfg.hf_hub_id else cfg.url)
+    if where is None:
         return {}
     cached = cached_weights_file(cfg.hf_hub_id) if cfg.hf_hub_id else None
     if cached:
         return {"pretrained_cfg_overlay": {"file": cached}}
-    where = "HF_HUB_OFFLINE is set" if offline else f"{urlparse(url).hostname} is unreachable"
     raise PretrainedWeightsUnavailable(
         f"model.pretrained: weights for {model_name} are not cached and {where}; pass a local file with "
         f"`--model.weights /path/to/{model_name.split('.')[0]}.safetensors` (.pth/.ckpt work too) "

@@ -90,9 +90,9 @@ class Interpretation:
 
     def confusion_matrix(self) -> torch.Tensor:
         """[C, C] counts: row the labelled class, column the predicted one."""
-        classes = len(self.class_names)
-        cells = self.labels * classes + self.predicted
-        return torch.bincount(cells, minlength=classes * classes).view(classes, classes)
+        from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+        return multiclass_confusion_matrix(self.predicted, self.labels, len(self.class_names))
 
     def most_confused(self, min_count: int = 1) -> list[tuple[str, str, int]]:
         """(true, predicted, count) off the diagonal with count >= min_count, most first (fastai's)."""
@@ -173,13 +173,13 @@ class Interpretation:
         """fastai's plot_top_losses: a grid of the `k` highest-loss images, each captioned
         true/predicted/p(predicted)/loss. `images`: path -> image (array or PIL); default: read
         the file with PIL. An image that cannot be read gets an empty panel, not an error."""
-        from matplotlib.figure import Figure  # not pyplot: no global state, no GUI backend
+        from finetune.report.drawing import new_figure, save
 
         rows = self.top_losses(k)
         path = Path(path)
         columns = max(1, math.ceil(math.sqrt(len(rows))))
         lines = max(1, math.ceil(len(rows) / columns))
-        figure = Figure(figsize=(2.6 * columns, 2.8 * lines + 0.4), layout="constrained")
+        figure = new_figure(2.6 * columns, 2.8 * lines + 0.4)
         figure.suptitle("true / predicted / p(predicted) / loss", fontsize=10)
         read = images or _thumbnail
         for n, row in enumerate(rows):
@@ -190,7 +190,7 @@ class Interpretation:
             except (OSError, ValueError):
                 axes.text(0.5, 0.5, "unreadable", ha="center", va="center")
             axes.set_title(f"{row.true}/{row.predicted}/{row.p_predicted:.2f}/{row.loss:.2f}", fontsize=8)
-        figure.savefig(path, dpi=100, backend="agg")
+        save(figure, path)
         return path
 
 

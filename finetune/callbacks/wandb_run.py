@@ -3,7 +3,6 @@ write into that run instead of starting a new one."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import zipfile
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import WandbLogger
+
+from finetune.contract import import_class
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,8 @@ def is_wandb_logger(logger_config) -> bool:
     class_path = getattr(logger_config, "class_path", None)
     if not class_path or getattr(logger_config, "init_args", None) is None:
         return False
-    module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        cls = import_class(class_path)
+    except ValueError:  # not importable: the logger's own instantiation says so, in its words
         return False
     return isinstance(cls, type) and issubclass(cls, WandbLogger)

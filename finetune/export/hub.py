@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune.backbones import classifier_name
-from finetune.contract import build_network, contract_of
 from finetune.errors import FinetuneError
 from finetune.export.metadata import FORMAT_VERSION, plain
+from finetune.export.release import model_record, network_of_record
+from finetune.hub import hub_offline_reason
 from finetune.models import Classifier
 
 WEIGHTS = "model.safetensors"
@@ -84,7 +85,6 @@ def _finetune_block(loaded, layout: dict, activation: str | None) -> dict:
     """What config.json's `finetune` key holds: how load_hub_folder rebuilds our network."""
     from finetune import __version__
 
-    model = loaded.config["model"]
     block = {
         "format_version": FORMAT_VERSION,
         "producer": f"finetune {__version__}",
@@ -95,8 +95,7 @@ def _finetune_block(loaded, layout: dict, activation: str | None) -> dict:
         **({"activation": activation} if activation else {}),
         **loaded.metadata_extras(),
         "preprocessing": loaded.preprocessing.to_dict(),
-        # Weights are in the folder: nothing to download at rebuild.
-        "model": {"class_path": model["class_path"], "init_args": {**model["init_args"], "pretrained": False, "weights": None}},
+        "model": model_record(loaded),
         "state_dict": layout,
         "data": loaded.config["data"],
     }
@@ -196,8 +195,7 @@ def load_hub_folder(folder: str | Path) -> nn.Module:
     if not block:
         raise ValueError(f"{folder / CONFIG}: no `finetune` key, so not written by `finetune export --format hub`; "
                          f"load it with timm.create_model('local-dir:{folder}', pretrained=True)")
-    model = block["model"]
-    network = build_network(contract_of(model["class_path"]).network, model["init_args"])
+    network = network_of_record(block["model"])
     layout, expected = block["state_dict"], network.state_dict()
     state = {}
     for key, tensor in load_file(str(folder / WEIGHTS), device="cpu").items():
@@ -244,20 +242,6 @@ def upload_commands(repo_id: str, folder: Path) -> str:
     return f"`hf upload {repo_id} {folder}` (huggingface_hub before 1.0: `huggingface-cli upload {repo_id} {folder}`)"
 
 
-def _offline_reason() -> str | None:
-    import os
-
-    from finetune.hub import _env_true, _hub_endpoint, host_reachable
-
-    if _env_true("HF_HUB_OFFLINE"):
-        return "HF_HUB_OFFLINE is set"
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    endpoint = _hub_endpoint()
-    if not proxied and not host_reachable(endpoint):
-        return f"{endpoint} is unreachable"
-    return None
-
-
 def push_hub_folder(folder: str | Path, repo_id: str) -> str:
     """Upload the folder to the Hub model repo `repo_id` (created if missing); returns its URL.
     Offline or refused: HubUnavailable, one line that says how to upload the folder later."""
@@ -265,7 +249,7 @@ def push_hub_folder(folder: str | Path, repo_id: str) -> str:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise ValueError(f"--push_to_hub: {repo_id!r} is not a Hub repo id; pass user/repo")
     ready = f"{folder} is written and ready for {upload_commands(repo_id, folder)}"
-    why = _offline_reason()
+    why = hub_offline_reason()
     if why:
         raise HubUnavailable(f"--push_to_hub: {why}, so nothing was uploaded; {ready}")
     from huggingface_hub import HfApi

@@ -25,18 +25,28 @@ def release_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_suffix(".safetensors"), path.with_suffix(".yaml")
 
 
+def model_record(loaded) -> dict:
+    """The task class and its arguments as an exported folder or file records them (safetensors
+    release, Hub folder): the weights are beside, so nothing is to be fetched at rebuild."""
+    model = loaded.config["model"]
+    return {"class_path": model["class_path"], "init_args": {**model["init_args"], "pretrained": False, "weights": None}}
+
+
+def network_of_record(model: dict) -> nn.Module:
+    """The (untrained) network of a `model_record`."""
+    return build_network(contract_of(model["class_path"]).network, model["init_args"])
+
+
 def save_release(loaded, path: str | Path) -> tuple[Path, Path]:
     """`loaded`: a finetune.export.checkpoint.Loaded. Returns (weights, config) paths."""
     weights, config = release_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in loaded.network.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "finetune-release", "config": config.name})
-    model = loaded.config["model"]
     document = {
         "format_version": FORMAT_VERSION,
         "task": loaded.contract.name,
-        # The weights are in the file beside: nothing to download or read at rebuild.
-        "model": {"class_path": model["class_path"], "init_args": {**model["init_args"], "pretrained": False, "weights": None}},
+        "model": model_record(loaded),
         "preprocessing": loaded.preprocessing.to_dict(),
         "data": loaded.config["data"],  # the training data config, for the record
     }
@@ -50,7 +60,6 @@ def load_release(weights: str | Path, config: str | Path) -> nn.Module:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: {path} does not exist; write it with `finetune export --format safetensors`")
     document = yaml.safe_load(Path(config).read_text())
-    model = document["model"]
-    network = build_network(contract_of(model["class_path"]).network, model["init_args"])
+    network = network_of_record(document["model"])
     network.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     return network.eval()
